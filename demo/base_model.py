@@ -64,10 +64,38 @@ def model_config(model_dir: str | Path = MODEL_CONFIG, ae_dir: str | Path | None
     return cfg
 
 
-def build_init_checkpoint(cfg: BagelConfig, ae_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
-    """Random Bagel weights (official init, seeded) + the trained AE + byte tokenizer, official layout."""
+@torch.no_grad()
+def standardize_timestep_embedder(model: Bagel, min_std: float = 0.01) -> None:
+    """Fold a standardisation of the timestep frequency features into `time_embedder.mlp[0]` (init only).
+
+    BAGEL embeds t in [0, 1] unscaled (`timestep_frequency_embedding`: cos/sin(t f_k), f_k <= 1), so over the
+    whole range of t most of the 256 features move by far less than a radian: at the default init the
+    embeddings of t = 0.9 and t = 1.0 differ by 2% of their norm and a small model cannot tell pure noise
+    from a 10% signal (see docs/results.md). Here each feature with std >= `min_std` over t ~ U[0, 1] is
+    mapped to zero mean and unit std before the first Linear (weights / std, bias -= weights . mean); the rest
+    (constant to within `min_std`) get zero weight. Same module, same parameter shapes; only the init."""
+    from bagel_ft.embeddings import timestep_frequency_embedding
+
+    layer = model.time_embedder.mlp[0]
+    t = torch.linspace(0, 1, 1001)
+    feats = timestep_frequency_embedding(t, model.time_embedder.frequency_embedding_size)  # [1001, 256]
+    mean, std = feats.mean(0), feats.std(0)
+    scale = torch.where(std >= min_std, 1 / std, torch.zeros_like(std))
+    layer.weight.mul_(scale[None])
+    layer.bias.sub_(layer.weight @ mean)
+
+
+def build_init_checkpoint(
+    cfg: BagelConfig, ae_dir: str | Path, out: str | Path, seed: int = 0, timestep_init: str = "official"
+) -> Path:
+    """Random Bagel weights (official init, seeded; `timestep_init="standardized"`:
+    `standardize_timestep_embedder`) + the trained AE + byte tokenizer, official layout."""
     torch.manual_seed(seed)
     model = Bagel(cfg).attach_vae(load_autoencoder(Path(ae_dir) / "ae.safetensors", cfg))
+    if timestep_init == "standardized":
+        standardize_timestep_embedder(model)
+    elif timestep_init != "official":
+        raise ValueError(f"timestep_init: expected 'official' or 'standardized', got {timestep_init!r}")
     model.save_pretrained(out)
     ByteTokenizer().save_pretrained(out)
     return Path(out)
@@ -196,6 +224,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
     ap.add_argument("--reuse", default=None, help="a previous WORK dir whose ae/ and data/ this run links to")
     ap.add_argument("--eval-checkpoints", action="store_true", help="also evaluate every kept training checkpoint")
+    ap.add_argument(
+        "--timestep-init",
+        default="official",
+        choices=("official", "standardized"),
+        help="time_embedder init (standardize_timestep_embedder)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work, times = Path(args.work), {}
@@ -247,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage(
         "init",
         (work / "init" / "ema.safetensors").is_file(),
-        lambda: build_init_checkpoint(cfg, work / "ae", work / "init", args.seed),
+        lambda: build_init_checkpoint(cfg, work / "ae", work / "init", args.seed, args.timestep_init),
     )
     stage(
         "train",

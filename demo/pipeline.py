@@ -179,22 +179,20 @@ def build_subset(pipeline: str, prompts: list[str], out: Path, cfg, seed: int) -
     return result.total.to_dict()
 
 
-def inference_config(base: Path, overrides: list[str] = ()) -> dict[str, Any]:
+def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
     """The inference YAML (eval's `load:` / `options:`) of every phase: the base model's flow settings
-    (demo.base_model.FlowDefaults, at its canvas) and PSIR budgets that fit the data's longest trajectory,
+    (demo.base_model.FlowDefaults; height/width 0: the largest image the model draws, which is its canvas) and PSIR budgets that fit the data's longest trajectory,
     then dotted `overrides` (values parsed as YAML; eval checks the field names)."""
     import yaml
 
-    from bagel_ft.config import BagelConfig
     from data_gen.config import PipelineConfig
     from demo.base_model import FlowDefaults
 
-    side = BagelConfig.from_dir(base).vae.resolution
     f = FlowDefaults()
     images = PipelineConfig().max_steps + 1  # the longest plan, and one refine
     config = {
         "options": {
-            "flow": {"height": side, "width": side, "num_timesteps": f.num_timesteps,
+            "flow": {"height": 0, "width": 0, "num_timesteps": f.num_timesteps,
                      "timestep_shift": f.timestep_shift, "cfg_text_scale": f.cfg_text_scale,
                      "cfg_interval": list(f.cfg_interval)},
             "text": {"max_tokens": 256},  # bytes: the longest plan turn is ~200
@@ -260,12 +258,31 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def base_canvas(base: Path) -> int:
+    """The side (px) `base` draws: its `image_geometry.json` VAE size (the size it was trained at) within its
+    latent table."""
+    from bagel_ft.config import BagelConfig
+    from bagel_ft.transforms import ImageGeometry
+
+    cfg = BagelConfig.from_dir(base)
+    return min(ImageGeometry.from_dir(base).vae_max_size, cfg.latent_downsample * cfg.arch.max_latent_size)
+
+
 def train_config(path: str | Path, overrides: list[str], root: Path, base: Path, threads: int, progress: bool = True):
     """The trainer's Config: YAML + dotted overrides, then run.dir and relative source paths rebased on `root`,
-    model.path = `base`, train.num_threads = `threads`."""
+    model.path = `base`, train.num_threads = `threads`; images at the base's canvas (`base_canvas`; the ViT's
+    within its position table) unless an override sets their sizes."""
+    from bagel_ft.config import BagelConfig
     from training.config import load_config, validate
 
     cfg = load_config(path, overrides)
+    side, vit = base_canvas(base), BagelConfig.from_dir(base).vit
+    vit_side = min(side, vit.patch_size * min(BagelConfig.from_dir(base).arch.vit_max_num_patch_per_side,
+                                              vit.image_size // vit.patch_size))  # fmt: skip
+    sizes = {"vae_max_size": side, "vae_min_size": side, "vit_max_size": vit_side, "vit_min_size": vit_side}
+    for name, value in sizes.items():
+        if not any(o.startswith(f"data.{name}=") for o in overrides):
+            setattr(cfg.data, name, value)
     cfg.run.dir = str(root / cfg.run.dir)
     for s in cfg.data.sources:
         s.path = str(root / s.path)
@@ -288,11 +305,12 @@ class Demo:
         self.s, self.log = settings, log
         self.layout = Layout(Path(settings.out))
         self.base = find_base(settings.base)
-        self.inference = inference_config(self.base, settings.inference_overrides)
+        self.inference = inference_config(settings.inference_overrides)
         self._generators: dict[str, Any] = {}
 
     def canvas(self) -> int:
-        return self.inference["options"]["flow"]["height"]
+        """The side (px) the base model draws and was trained at: its image geometry within its latent table."""
+        return base_canvas(self.base)
 
     def prompts(self) -> tuple[list[str], list]:
         """(training prompts, held-out ShapesPrompts): both disjoint from ShapesEval and from each other."""

@@ -21,6 +21,7 @@ from bagel_ft.trajectory import Trajectory
 from demo.pipeline import EVAL_RUNS, PHASES, Layout, training_summary
 from eval.report import STYLE, Run, cost_table, html_table, load_runs, markdown_table, score_table, thumbnail
 from eval.run_dir import load_trajectory, read_jsonl, write_text_atomic
+from inference.html import trajectory_cards
 
 COLORS = ("#9aa0a6", "#4285f4", "#ea4335", "#34a853", "#fbbc04", "#a142f4")  # series colours, in order
 PAGE_STYLE = (
@@ -174,22 +175,14 @@ def data_table(layout: Layout) -> tuple[list[str], list[list[str]]] | None:
 
 
 def strip(traj: Trajectory | None, title: str, note: str = "", failure: dict | None = None) -> str:
-    """A trajectory as a row of cards in stream order: plan / inspect / refine text and each image (given
-    images marked), then the format failure that ended the stream, if any, with the text the model wrote."""
-    cards, draft = [], 0
-    for turn in traj.turns if traj is not None else []:
-        if turn.is_image:
-            draft += 1
-            label = f"image {draft}" + ("" if turn.loss else " (given)")
-            body = f"<img src='{thumbnail(traj.images[turn.image])}' alt='{label}'>"
-        else:
-            label, body = turn.role, f"<pre>{html.escape(turn.text)}</pre>"
-        cards.append(f"<div class='card {turn.role}'><div class='role'>{label}</div>{body}</div>")
+    """A trajectory as a row of cards in stream order (`inference.html.trajectory_cards`), then the format
+    failure that ended the stream, if any, with the text the model wrote."""
+    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i])) if traj is not None else ""
     if failure:
-        cards.append(f"<div class='card failure'><div class='role'>format failure</div><pre>"
-                     f"{html.escape(failure.get('reason', ''))}\n\nwrote: {html.escape(failure.get('text', '')[:300])!s}"
-                     f"</pre></div>")  # fmt: skip
-    return f"<p><b>{html.escape(title)}</b> <small>{note}</small></p><div class='strip'>{''.join(cards)}</div>"
+        cards += (f"<div class='strip'><div class='card failure'><div class='role'>format failure</div><pre>"
+                  f"{html.escape(failure.get('reason', ''))}\n\nwrote: {html.escape(failure.get('text', '')[:300])!s}"
+                  f"</pre></div></div>")  # fmt: skip
+    return f"<p><b>{html.escape(title)}</b> <small>{note}</small></p>{cards}"
 
 
 def _verdict(correct: bool | None) -> str:

@@ -37,6 +37,7 @@ from demo.pipeline import (
     DemoError,
     Layout,
     Phase,
+    base_canvas,
     build_subset,
     check_settings,
     data_config,
@@ -95,8 +96,8 @@ class Repro:
         self.s, self.log = s, log
         self.root = Path(s.out)
         self.base = find_base(s.base)
-        self.inference = inference_config(self.base, s.inference_overrides)
-        self.canvas = self.inference["options"]["flow"]["height"]
+        self.inference = inference_config(s.inference_overrides)
+        self.canvas = base_canvas(self.base)
 
     def arm_dir(self, arm: str, seed: int) -> Path:
         return self.root / "arms" / f"{arm}-s{seed}"

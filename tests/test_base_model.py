@@ -1,0 +1,136 @@
+"""The shipped shapes base model (checkpoints/shapes-base) and the recipe's small pieces, without retraining.
+
+* the checkpoint loads strictly with `Bagel.from_pretrained` (configs, ema.safetensors, ae.safetensors) and its
+  tokenizer is the byte tokenizer; it stays small;
+* it generates an image of the canvas size through `inference` (few Euler steps: a plumbing check, not quality);
+* its AE reconstructs a shapes render so the judge reads the same objects;
+* the base data records are valid `t2i` / `caption` trajectories; the judging view upsamples small images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bagel_ft.checkpoint import AE_FILE, CONFIG_FILES
+from bagel_ft.modeling import Bagel
+from bagel_ft.tokenizer import ByteTokenizer, load_tokenizer
+
+CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-base"
+OFFICIAL_FILES = (*CONFIG_FILES, "ema.safetensors", AE_FILE)
+
+
+# Until the base model is trained and committed (issue 6), the tests of the shipped checkpoint wait for it;
+# the recipe's pieces below are tested either way.
+needs_checkpoint = pytest.mark.skipif(
+    not (CKPT / "ema.safetensors").is_file(),
+    reason="checkpoints/shapes-base not built yet: python -m demo.base_model --out checkpoints/shapes-base",
+)
+
+
+@pytest.fixture(scope="module")
+def base_model() -> Bagel:
+    torch.set_num_threads(1)
+    return Bagel.from_pretrained(CKPT)
+
+
+@needs_checkpoint
+def test_checkpoint_files_are_the_official_layout_and_small():
+    for name in OFFICIAL_FILES:
+        assert (CKPT / name).is_file(), f"checkpoints/shapes-base/{name} missing"
+    total = sum(f.stat().st_size for f in CKPT.iterdir() if f.is_file())
+    assert total < 20 * 2**20, f"checkpoint is {total / 2**20:.1f} MiB; keep it a few MB"
+
+
+@needs_checkpoint
+def test_loads_strictly_with_its_autoencoder(base_model):
+    assert base_model.vae is not None
+    cfg = base_model.config
+    assert cfg.llm.vocab_size == ByteTokenizer.vocab_size and cfg.llm.is_mot
+    assert isinstance(load_tokenizer(CKPT), ByteTokenizer)
+    side = cfg.vae.resolution
+    assert side == cfg.latent_downsample * cfg.arch.max_latent_size  # the canvas fills the latent table
+    assert all(torch.isfinite(p).all() for p in base_model.parameters())
+
+
+@needs_checkpoint
+def test_generates_an_image_of_the_canvas_size(base_model):
+    from inference.api import GenerateOptions, Generator
+    from inference.engine import Engine, FlowSettings
+
+    side = base_model.config.vae.resolution
+    flow = FlowSettings(
+        height=side, width=side, num_timesteps=4, timestep_shift=1.0, cfg_text_scale=2.0, cfg_interval=(0.0, 1.0)
+    )
+    gen = Generator(Engine(base_model, ByteTokenizer()), GenerateOptions(mode="single", flow=flow))
+    result = gen.generate("a red circle to the left of a blue square", seed=0)
+    assert result.image.size == (side, side)
+    assert result.cost.flow_steps == 3
+
+
+@needs_checkpoint
+def test_autoencoder_reconstruction_reads_as_the_original(base_model):
+    from demo.autoencoder import reconstruct
+    from demo.judge_eval import judge_view
+    from scene_graphs.shapes import check, generate_prompts, render
+
+    side = base_model.config.vae.resolution
+    prompts = generate_prompts(10, seed=123)
+    originals = [render(p.graph, side, seed=i)[0] for i, p in enumerate(prompts)]
+    recons = reconstruct(base_model.vae, originals)
+    ok = [check(judge_view(r), p.graph).consistent for p, r in zip(prompts, recons, strict=True)]
+    assert sum(ok) >= 9, ok
+
+
+def test_base_data_records_are_valid(tmp_path):
+    from bagel_ft.trajectory import Trajectory
+    from demo.base_data import caption_record, t2i_record
+    from scene_graphs.shapes import generate_prompts, parse_prompt
+
+    p = generate_prompts(5, seed=7)[4]  # color_attr: two colored objects
+    t2i = t2i_record(p, 48, seed=3)
+    cap = caption_record(p, 48, seed=3)
+    for rec in (t2i, cap):
+        rec.validate()
+        assert Trajectory.from_row(rec.to_row()).id == rec.id
+    assert [t.role for t in t2i.turns] == ["image"] and t2i.turns[0].loss
+    assert [t.role for t in cap.turns] == ["image", "caption"] and not cap.turns[0].loss and cap.prompt == ""
+    caption_graph = parse_prompt(cap.turns[1].text)  # the caption is a shapes prompt naming every color
+    assert all("color" in o.attributes for o in caption_graph.objects)
+    assert cap.images[0].size == (48, 48)
+
+
+def test_judge_view_upsamples_small_images():
+    from PIL import Image
+
+    from demo.judge_eval import JUDGE_SIDE, judge_view
+
+    assert judge_view(Image.new("RGB", (64, 64))).size == (128, 128)
+    assert judge_view(Image.new("RGB", (48, 48))).size == (144, 144)
+    assert judge_view(Image.new("RGB", (256, 256))).size == (256, 256)
+    assert JUDGE_SIDE == 128
+
+
+def test_standardized_timestep_init_separates_late_timesteps():
+    """BAGEL embeds t in [0, 1] unscaled: at the official init t = 0.9 and t = 1.0 embed almost alike; the
+    standardised init (same module and shapes) spreads them apart, and keeps t -> embedding smooth."""
+    from bagel_ft.config import BagelConfig
+    from demo.base_model import MODEL_CONFIG, standardize_timestep_embedder
+
+    torch.manual_seed(0)
+    model = Bagel(BagelConfig.from_dir(MODEL_CONFIG))
+    t = torch.tensor([0.9, 1.0])
+
+    def relative_gap() -> float:
+        e = model.time_embedder(t)
+        return float((e[0] - e[1]).norm() / e[1].norm())
+
+    shapes = {k: v.shape for k, v in model.time_embedder.state_dict().items()}
+    before = relative_gap()
+    standardize_timestep_embedder(model)
+    after = relative_gap()
+    assert {k: v.shape for k, v in model.time_embedder.state_dict().items()} == shapes
+    assert before < 0.05 and after > 4 * before, (before, after)
+    assert torch.isfinite(model.time_embedder(torch.linspace(0, 1, 11))).all()
