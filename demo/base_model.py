@@ -36,6 +36,7 @@ from bagel_ft.checkpoint import load_autoencoder
 from bagel_ft.config import BagelConfig, VAEConfig
 from bagel_ft.modeling import Bagel
 from bagel_ft.tokenizer import ByteTokenizer
+from bagel_ft.transforms import ImageGeometry
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = REPO / "configs/model/shapes_base"
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-checkpoints", action="store_true", help="also evaluate every kept training checkpoint")
     ap.add_argument(
         "--timestep-init",
-        default="official",
+        default="standardized",
         choices=("official", "standardized"),
         help="time_embedder init (standardize_timestep_embedder)",
     )
@@ -293,6 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         model = Bagel.from_pretrained(work / "run" / "export")
         model.save_pretrained(args.out)
         ByteTokenizer().save_pretrained(args.out)
+        ImageGeometry.from_dir(work / "run" / "export").save_dir(args.out)  # the sizes it was trained at
 
     stage("export", False, do_export)
     result = {"stage_seconds": times}
