@@ -134,3 +134,15 @@ def test_standardized_timestep_init_separates_late_timesteps():
     assert {k: v.shape for k, v in model.time_embedder.state_dict().items()} == shapes
     assert before < 0.05 and after > 4 * before, (before, after)
     assert torch.isfinite(model.time_embedder(torch.linspace(0, 1, 11))).all()
+
+
+@needs_checkpoint
+def test_shipped_base_uses_the_timestep_and_the_prompt():
+    """The failure the standardised timestep init fixed (docs/results.md, T1-T4): a base that cannot tell pure
+    noise from a 10% signal does no better told the true t = 1 than told t = 0.5."""
+    from demo.base_diagnostics import velocity_errors
+
+    rows = {r.t: r for r in velocity_errors(str(CKPT), prompts=8, timesteps=(1.0, 0.9))}
+    assert rows[1.0].true_t < 0.9 * rows[1.0].told_half, rows
+    assert rows[1.0].true_t < 1.0, rows  # better than the unconditional-mean image (unit-variance latents)
+    assert rows[0.9].conditioning_gain > 0, rows
