@@ -1,6 +1,6 @@
 """Train the tiny FLUX-style autoencoder of the shapes base model on shapes-world renders, and measure it.
 
-    python -m demo.autoencoder --out runs/ae                       # the shipped AE (defaults below), ~15 min
+    python -m demo.autoencoder --out runs/ae                       # the shipped AE (defaults below), ~11 min
     python -m demo.autoencoder --out runs/ae-f2 --ch-mult 1 2 --steps 300   # a CPU-minute smoke run
 
 The model is `bagel_ft.autoencoder.AutoEncoder` (our FLUX AE, unchanged) at a tiny `VAEConfig`. Training data

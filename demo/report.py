@@ -175,13 +175,14 @@ def data_table(layout: Layout) -> tuple[list[str], list[list[str]]] | None:
 
 
 def strip(traj: Trajectory | None, title: str, note: str = "", failure: dict | None = None) -> str:
-    """A trajectory as a row of cards in stream order (`inference.html.trajectory_cards`), then the format
-    failure that ended the stream, if any, with the text the model wrote."""
-    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i])) if traj is not None else ""
+    """A trajectory as a row of cards in stream order (`inference.html.trajectory_cards`), ending with the
+    format failure that ended the stream, if any, and the text the model wrote."""
+    extra = ""
     if failure:
-        cards += (f"<div class='strip'><div class='card failure'><div class='role'>format failure</div><pre>"
-                  f"{html.escape(failure.get('reason', ''))}\n\nwrote: {html.escape(failure.get('text', '')[:300])!s}"
-                  f"</pre></div></div>")  # fmt: skip
+        extra = (f"<div class='card failure'><div class='role'>format failure</div><pre>"
+                 f"{html.escape(failure.get('reason', ''))}\n\nwrote: {html.escape(failure.get('text', '')[:300])!s}"
+                 f"</pre></div>")  # fmt: skip
+    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), extra)
     return f"<p><b>{html.escape(title)}</b> <small>{note}</small></p>{cards}"
 
 

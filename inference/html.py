@@ -43,11 +43,12 @@ def data_url(image: Image.Image, max_side: int | None = None) -> str:
     return "data:image/png;base64," + base64.b64encode(image_to_png(image)).decode("ascii")
 
 
-def trajectory_cards(traj: Trajectory, image_src: Callable[[int], str]) -> str:
+def trajectory_cards(traj: Trajectory | None, image_src: Callable[[int], str], extra_cards: str = "") -> str:
     """The strip: one card per turn in stream order (role + escaped text, or the image; given images are
-    marked). `image_src(index)` gives each image's src (a data URL or a relative path). Style: CARD_STYLE."""
+    marked), then `extra_cards` (HTML). `image_src(index)` gives each image's src (a data URL or a relative
+    path). Style: CARD_STYLE."""
     cards, draft = [], 0
-    for turn in traj.turns:
+    for turn in traj.turns if traj is not None else []:
         if turn.is_image:
             draft += 1
             label = f"draft {draft}" + ("" if turn.loss else " (given)")
@@ -55,7 +56,7 @@ def trajectory_cards(traj: Trajectory, image_src: Callable[[int], str]) -> str:
         else:
             label, body = turn.role, f"<pre>{html.escape(turn.text)}</pre>"
         cards.append(f'<div class="card {turn.role}"><div class="role">{label}</div>{body}</div>')
-    return f'<div class="strip">{"".join(cards)}</div>'
+    return f'<div class="strip">{"".join(cards)}{extra_cards}</div>'
 
 
 def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: str = "") -> str:

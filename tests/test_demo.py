@@ -106,8 +106,8 @@ def test_report_holds_strips_scores_and_loss_plot(finished):
     out, _ = finished
     page = Layout(out).report.read_text()
     assert page.startswith("<!doctype html>") and page.rstrip().endswith("</html>")
-    assert page.count("class='strip'") >= 3 + 2  # a training record per subset, the held-out PSIR streams
-    assert "data:image/png;base64," in page and "class='card plan'" in page  # images inlined, text cards
+    assert page.count('class="strip"') >= 3 + 2  # a training record per subset, the held-out PSIR streams
+    assert "data:image/png;base64," in page and 'class="card plan"' in page  # images inlined, text cards
     assert "base-single" in page and "finetuned-psir" in page and "position" in page  # scores per category
     assert "cross-entropy" in page and "<polyline" in page  # loss curves as inline SVG
     assert "<rect" in page  # the per-category bar chart
