@@ -39,6 +39,20 @@ class ImageGeometry:
     def save_dir(self, ckpt: str | Path) -> None:
         (Path(ckpt) / self.FILE).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
+    def within(self, config) -> ImageGeometry:
+        """These bounds clamped to what a model of `config` (BagelConfig) can take: VAE sides to its latent
+        table (latent_downsample x max_latent_size), ViT sides to its patch table."""
+        vit = config.vit
+        vit_side = vit.patch_size * min(config.arch.vit_max_num_patch_per_side, vit.image_size // vit.patch_size)
+        vae_side = config.latent_downsample * config.arch.max_latent_size
+        return ImageGeometry(
+            vae_max_size=min(self.vae_max_size, vae_side),
+            vae_min_size=min(self.vae_min_size, vae_side),
+            vit_max_size=min(self.vit_max_size, vit_side),
+            vit_min_size=min(self.vit_min_size, vit_side),
+            max_pixels=self.max_pixels,
+        )
+
 
 def resized_size(width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int) -> tuple[int, int]:
     """(width, height) of the official `MaxLongEdgeMinShortEdgeResize`, rounding included: long side <= max,

@@ -181,8 +181,8 @@ def build_subset(pipeline: str, prompts: list[str], out: Path, cfg, seed: int) -
 
 def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
     """The inference YAML (eval's `load:` / `options:`) of every phase: the base model's flow settings
-    (demo.base_model.FlowDefaults; height/width 0: the largest image the model draws, which is its canvas) and PSIR budgets that fit the data's longest trajectory,
-    then dotted `overrides` (values parsed as YAML; eval checks the field names)."""
+    (demo.base_model.FlowDefaults; height/width 0: the largest image the model draws, its canvas) and PSIR
+    budgets that fit the data's longest trajectory, then dotted `overrides` (values parsed as YAML; eval checks the field names)."""
     import yaml
 
     from data_gen.config import PipelineConfig
@@ -258,27 +258,28 @@ def training_summary(run_dir: Path) -> dict[str, Any]:
     }
 
 
-def base_canvas(base: Path) -> int:
-    """The side (px) `base` draws: its `image_geometry.json` VAE size (the size it was trained at) within its
-    latent table."""
+def base_geometry(base: Path):
+    """The image sizes `base` takes: its `image_geometry.json` (the sizes it was trained at) within its tables."""
     from bagel_ft.config import BagelConfig
     from bagel_ft.transforms import ImageGeometry
 
-    cfg = BagelConfig.from_dir(base)
-    return min(ImageGeometry.from_dir(base).vae_max_size, cfg.latent_downsample * cfg.arch.max_latent_size)
+    return ImageGeometry.from_dir(base).within(BagelConfig.from_dir(base))
+
+
+def base_canvas(base: Path) -> int:
+    """The side (px) `base` draws: its VAE size within its latent table (`base_geometry`)."""
+    return base_geometry(base).vae_max_size
 
 
 def train_config(path: str | Path, overrides: list[str], root: Path, base: Path, threads: int, progress: bool = True):
     """The trainer's Config: YAML + dotted overrides, then run.dir and relative source paths rebased on `root`,
     model.path = `base`, train.num_threads = `threads`; images at the base's canvas (`base_canvas`; the ViT's
     within its position table) unless an override sets their sizes."""
-    from bagel_ft.config import BagelConfig
     from training.config import load_config, validate
 
     cfg = load_config(path, overrides)
-    side, vit = base_canvas(base), BagelConfig.from_dir(base).vit
-    vit_side = min(side, vit.patch_size * min(BagelConfig.from_dir(base).arch.vit_max_num_patch_per_side,
-                                              vit.image_size // vit.patch_size))  # fmt: skip
+    g = base_geometry(base)
+    side, vit_side = g.vae_max_size, min(g.vae_max_size, g.vit_max_size)
     sizes = {"vae_max_size": side, "vae_min_size": side, "vit_max_size": vit_side, "vit_min_size": vit_side}
     for name, value in sizes.items():
         if not any(o.startswith(f"data.{name}=") for o in overrides):
@@ -306,11 +307,8 @@ class Demo:
         self.layout = Layout(Path(settings.out))
         self.base = find_base(settings.base)
         self.inference = inference_config(settings.inference_overrides)
+        self.canvas = base_canvas(self.base)  # the side (px) the base draws and was trained at
         self._generators: dict[str, Any] = {}
-
-    def canvas(self) -> int:
-        """The side (px) the base model draws and was trained at: its image geometry within its latent table."""
-        return base_canvas(self.base)
 
     def prompts(self) -> tuple[list[str], list]:
         """(training prompts, held-out ShapesPrompts): both disjoint from ShapesEval and from each other."""
@@ -339,13 +337,13 @@ class Demo:
 
 def phase_data(demo: Demo) -> dict[str, Any]:
     prompts, _ = demo.prompts()
-    cfg = data_config(demo.canvas())
+    cfg = data_config(demo.canvas)
     totals = {}
     for name in PIPELINES:
         t = build_subset(name, prompts, demo.layout.data(name), cfg, demo.s.data_seed)
         totals[name] = {"records": t["kept"], "prompts": t["items"], "rejected": t["rejected"]}
         demo.log(f"  data {name}: {t['kept']} records from {t['items']} prompts (rejected {t['rejected']})")
-    return {"prompts": len(prompts), "canvas": demo.canvas(), "subsets": totals}
+    return {"prompts": len(prompts), "canvas": demo.canvas, "subsets": totals}
 
 
 def phase_train(demo: Demo) -> dict[str, Any]:

@@ -88,15 +88,7 @@ class Engine:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        vit = self.config.vit
-        vit_side = vit.patch_size * min(self.config.arch.vit_max_num_patch_per_side, vit.image_size // vit.patch_size)
-        vae_side = self.config.latent_downsample * self.config.arch.max_latent_size
-        g = geometry or ImageGeometry()
-        self.geometry = ImageGeometry(
-            vae_max_size=min(g.vae_max_size, vae_side), vae_min_size=min(g.vae_min_size, vae_side),
-            vit_max_size=min(g.vit_max_size, vit_side), vit_min_size=min(g.vit_min_size, vit_side),
-            max_pixels=g.max_pixels,
-        )
+        self.geometry = (geometry or ImageGeometry()).within(self.config)
 
     @classmethod
     def from_pretrained(cls, ckpt: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
