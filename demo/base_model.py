@@ -7,7 +7,8 @@
 Stages (each skips itself when its output exists in `--work`, so a stopped run continues where it was):
   1. autoencoder  `demo.autoencoder` trains the tiny FLUX AE (architecture: the model config's
                   vae_config.json; latent normalisation fitted)                       -> WORK/ae
-  2. data         `demo.base_data` writes t2i + caption records at the AE's canvas    -> WORK/data
+  2. data         `demo.base_data` writes t2i, caption and text records at the AE's
+                  canvas, one folder per task                                          -> WORK/data
   3. init         random Bagel weights (seed `--seed`) of the model config + the trained AE + the byte
                   tokenizer, saved in the official layout                              -> WORK/init
   4. train        the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
@@ -102,11 +103,17 @@ def build_init_checkpoint(
     return Path(out)
 
 
-def train_overrides(work: Path, steps: int | None, threads_note: str = "") -> list[str]:
-    """Dotted overrides that point configs/train/shapes_base.yaml at this run's folders."""
+MIXTURE = {"t2i": 0.7, "caption": 0.15, "text": 0.15}  # sampling weight of each `demo.base_data` task (T9)
+
+
+def train_overrides(work: Path, steps: int | None, mixture: dict[str, float] | None = None) -> list[str]:
+    """Dotted overrides that point configs/train/shapes_base.yaml at this run's folders (tasks of weight 0 and
+    tasks without a data folder are left out)."""
+    mixture = MIXTURE if mixture is None else mixture
     sources = [
-        {"path": str(work / "data"), "subsets": ["t2i"], "weight": 0.8},
-        {"path": str(work / "data"), "subsets": ["caption"], "weight": 0.2},
+        {"path": str(work / "data" / task), "weight": w}
+        for task, w in mixture.items()
+        if w > 0 and (work / "data" / task).is_dir()
     ]
     out = [f"run.dir={work / 'run'}", f"model.path={work / 'init'}", f"data.sources={json.dumps(sources)}"]
     if steps is not None:
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ae-steps", type=int, default=None, help="override the AE's optimizer steps")
     ap.add_argument("--t2i", type=int, default=12000, help="t2i records")
     ap.add_argument("--caption", type=int, default=3000, help="caption records")
+    ap.add_argument("--text", type=int, default=3000, help="text-only caption records: prompt -> describe (0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="init seed (AE, model weights)")
     ap.add_argument("--eval-per-category", type=int, default=10, help="ShapesEval prompts per category (0 = skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared 2-core machine)")
@@ -274,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage("autoencoder", (work / "ae" / "metrics.json").is_file(), do_ae)
 
     def do_data() -> None:
-        done = write_base_data(work / "data", args.t2i, args.caption, vae.resolution)
+        done = write_base_data(work / "data", args.t2i, args.caption, vae.resolution, text=args.text)
         (work / "data" / "done.json").write_text(json.dumps(done) + "\n")
 
     stage("data", (work / "data" / "done.json").is_file(), do_data)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -86,13 +87,14 @@ def test_autoencoder_reconstruction_reads_as_the_original(base_model):
 
 def test_base_data_records_are_valid(tmp_path):
     from bagel_ft.trajectory import Trajectory
-    from demo.base_data import caption_record, t2i_record
+    from demo.base_data import caption_record, t2i_record, text_record
     from scene_graphs.shapes import generate_prompts, parse_prompt
 
     p = generate_prompts(5, seed=7)[4]  # color_attr: two colored objects
     t2i = t2i_record(p, 48, seed=3)
     cap = caption_record(p, 48, seed=3)
-    for rec in (t2i, cap):
+    text = text_record(p, 48, seed=3)
+    for rec in (t2i, cap, text):
         rec.validate()
         assert Trajectory.from_row(rec.to_row()).id == rec.id
     assert [t.role for t in t2i.turns] == ["image"] and t2i.turns[0].loss
@@ -100,6 +102,26 @@ def test_base_data_records_are_valid(tmp_path):
     caption_graph = parse_prompt(cap.turns[1].text)  # the caption is a shapes prompt naming every color
     assert all("color" in o.attributes for o in caption_graph.objects)
     assert cap.images[0].size == (48, 48)
+    # text -> text: the prompt's own scene described, no image; a caption record with the prompt kept
+    assert text.subset == "caption" and text.prompt == p.text and not text.images
+    assert [t.role for t in text.turns] == ["caption"] and text.turns[0].loss
+    assert parse_prompt(text.turns[0].text).to_json() == p.graph.to_json()
+    assert len({t2i.id, cap.id, text.id}) == 3
+
+
+def test_base_data_writes_one_folder_per_task(tmp_path):
+    from demo.base_data import write_base_data
+    from demo.base_model import train_overrides
+    from training.data import RecordTable
+
+    write_base_data(tmp_path / "data", t2i=5, caption=3, canvas=32, text=4, per_file=2)
+    sizes = {task: len(RecordTable(tmp_path / "data" / task)) for task in ("t2i", "caption", "text")}
+    assert sizes == {"t2i": 5, "caption": 3, "text": 4}
+    sources = json.loads(train_overrides(tmp_path, None)[2].split("=", 1)[1])
+    assert [(Path(s["path"]).name, s["weight"]) for s in sources] == [("t2i", 0.7), ("caption", 0.15), ("text", 0.15)]
+    write_base_data(tmp_path / "notext" / "data", t2i=2, caption=1, canvas=32)  # --text 0: no folder, no source
+    sources = json.loads(train_overrides(tmp_path / "notext", None)[2].split("=", 1)[1])
+    assert [Path(s["path"]).name for s in sources] == ["t2i", "caption"]
 
 
 def test_judge_view_upsamples_small_images():
@@ -142,7 +164,7 @@ def test_shipped_base_uses_the_timestep_and_the_prompt():
     noise from a 10% signal does no better told the true t = 1 than told t = 0.5."""
     from demo.base_diagnostics import velocity_errors
 
-    rows = {r.t: r for r in velocity_errors(str(CKPT), prompts=8, timesteps=(1.0, 0.9))}
+    rows = {r.t: r for r in velocity_errors(str(CKPT), prompts=24, timesteps=(1.0, 0.9))}
     assert rows[1.0].true_t < 0.9 * rows[1.0].told_half, rows
     assert rows[1.0].true_t < 1.0, rows  # better than the unconditional-mean image (unit-variance latents)
     assert rows[0.9].conditioning_gain > 0, rows

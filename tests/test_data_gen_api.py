@@ -25,7 +25,7 @@ def api_config(server: FakeOpenAIServer, tmp_path, **overrides):
         "endpoint.base_url": server.url,
         "endpoint.model": "fake-gpt",
         "endpoint.api_key_env": KEY_ENV,
-        "endpoint.timeout_s": 0.5,
+        "endpoint.timeout_s": 2.0,  # generous: a loaded 2-core CI box must not time out a normal answer
         "endpoint.max_attempts": 3,
         "endpoint.backoff_base_s": 0.01,
         "endpoint.backoff_max_s": 0.05,
@@ -65,7 +65,7 @@ def test_faults_are_counted_exactly_retried_and_never_kept(tmp_path, key):
         PROMPTS[8]: ["500", "500", "500"],
     }
     replies = {"schema": json.dumps({"objects": "three circles", "relations": []}), "bad_graph": json.dumps(bad_graph)}
-    with FakeOpenAIServer(shapes_answer, script, replies=replies, timeout_sleep=1.0) as server:
+    with FakeOpenAIServer(shapes_answer, script, replies=replies, timeout_sleep=3.0) as server:
         first = run(api_config(server, tmp_path), tmp_path / "run1")
         assert len(server.log) == 22 and not server.overflow
         t = first.total

@@ -214,6 +214,19 @@ def test_record_to_plan_follows_the_format():
     assert plan.num_tokens == sum(it.num_tokens for it in plan.items)
 
 
+def test_a_last_generated_image_gets_no_context_copies():
+    """Official t2i plan: [text, vae_image(loss)] — the clean VAE / ViT copies serve only later tokens."""
+    from bagel_ft.trajectory import Trajectory, Turn, inspect_text
+
+    t2i = Trajectory("a red square", [Turn("image", image=0)], [Image.new("RGB", (16, 16), (200, 30, 30))], "t2i")
+    kinds = [(it.type, it.loss) for it in _build(t2i).items]
+    assert kinds == [("text", False), (VAE, True)]
+    # the same image followed by a turn keeps its context (the inspect reads it)
+    t2i.turns.append(Turn("inspect", inspect_text("consistent")))
+    kinds = [(it.type, it.loss) for it in _build(t2i).items]
+    assert kinds == [("text", False), (VAE, True), (VAE, False), (VIT, False), ("text", True)]
+
+
 def test_loss_role_overrides_and_special_labels_in_the_pack():
     plan = _build(_trajectory("critique"), loss_roles={"critique": {"plan": False}, "*": {"caption": False}})
     assert [it.loss for it in plan.items if it.type == "text"] == [False, False, True, True, True, False]

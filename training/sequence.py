@@ -7,7 +7,8 @@ This is docs/format.md section 3 as code. For a record `prompt | turn_1 ... turn
                     the <|im_end|> position is labelled with what comes next (`next_after_text`):
                     <|vision_start|> before a generated image, <|im_start|> before another text turn,
                     <|endoftext|> at the end of the record (official `special_token_loss`)
-  generated image   noisy VAE target (MSE, no CFG) + its clean VAE copy + its ViT tokens (context, CFG-droppable)
+  generated image   noisy VAE target (MSE, no CFG) + its clean VAE copy + its ViT tokens (context, CFG-droppable);
+                    the record's last turn gets the noisy target only (nothing follows that could read the context)
   given image       clean VAE + ViT (context, CFG-droppable)
 
 Images are resized like the official `ImageTransform` (`MaxLongEdgeMinShortEdgeResize`): long side <= max,
@@ -161,6 +162,8 @@ def build_sample_plan(
             vae, vit = tensors(turn.image)
             if losses[i]:  # generated: noisy target, then its clean copy and ViT as context for what follows
                 items.append(image_item(VAE, vae, g.vae_stride, loss=True, enable_cfg=False))
+                if i == len(traj.turns) - 1:  # nothing follows: no context to give (official need_vae/vit=False)
+                    continue
             items.append(image_item(VAE, vae.clone(), g.vae_stride, loss=False, enable_cfg=True))
             items.append(image_item(VIT, vit, g.vit_stride, loss=False, enable_cfg=True))
             continue
