@@ -72,7 +72,7 @@ class ReproSettings:
     base: str | Path | None = None  # base checkpoint; None = the shipped checkpoints/shapes-base
     train_config: str | Path = TRAIN_CONFIG  # the trainer YAML shared by all arms
     train_overrides: list[str] = field(default_factory=list)  # dotted overrides applied to every arm
-    steps: int = 200  # optimizer steps per arm
+    steps: int = 800  # optimizer steps per arm (200 left most PSIR streams without an image; docs/results.md)
     prompts: int = 400  # trajectory / alignment prompts
     critique_prompts: int = 64  # prompts the psir arm drafts for the critiques (~10 s each on a CPU)
     critiques: str = "self"  # self (the psir arm's own streams) | drafter (data_gen's offline imperfect drafter)
