@@ -1,7 +1,7 @@
 """Run the whole system on the shapes world: build data, fine-tune the shipped base model with the PSIR recipe,
 run the PSIR loop on held-out prompts, score base vs fine-tuned on ShapesEval, and write OUT/report.html.
 
-  bagel-ft demo --out runs/demo                          # ~13 min on 2 CPU cores; re-run to resume
+  bagel-ft demo --out runs/demo                          # ~10 min on 2 CPU cores; re-run to resume
   bagel-ft demo --out runs/demo --until train            # stop after a phase (data, train, psir, eval_*, report)
   bagel-ft demo --out runs/demo --redo eval_ft_psir      # redo a phase and everything after it
   bagel-ft demo --out runs/d2 --base DIR --set train.steps=400 --prompts 400 --eval-limit 10
