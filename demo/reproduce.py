@@ -1,7 +1,7 @@
 """The paper's claim in miniature: fine-tune the shapes base model three ways at equal optimizer steps and equal
 pack size (tokens per step), then score every arm on the same ShapesEval prompts with the same seeds.
 
-    python -m demo.reproduce --out runs/repro                  # ~25 min on 2 CPU cores (needs checkpoints/shapes-base)
+    python -m demo.reproduce --out runs/repro                  # ~45 min on 2 CPU cores (needs checkpoints/shapes-base)
     bagel-ft demo --reproduce --out runs/repro                 # the same
     python -m demo.reproduce --out /tmp/repro-smoke --base /tmp/base --prompts 16 --steps 4 --eval-limit 1 \
         --seeds 0 --critique-prompts 4                          # plumbing only, a few minutes
