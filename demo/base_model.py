@@ -103,18 +103,16 @@ def build_init_checkpoint(
     return Path(out)
 
 
-MIXTURE = {"t2i": 0.7, "caption": 0.15, "text": 0.15}  # sampling weight of each `demo.base_data` task (T9)
+def train_overrides(work: Path, steps: int | None, config: str | Path = TRAIN_CONFIG) -> list[str]:
+    """Dotted overrides that point the trainer YAML `config` at this run's folders: each of its data sources
+    (`.../data/<task>`, weighted there) moves to WORK/data/<task>; tasks without a data folder are left out."""
+    from training.config import load_config
 
-
-def train_overrides(work: Path, steps: int | None, mixture: dict[str, float] | None = None) -> list[str]:
-    """Dotted overrides that point configs/train/shapes_base.yaml at this run's folders (tasks of weight 0 and
-    tasks without a data folder are left out)."""
-    mixture = MIXTURE if mixture is None else mixture
-    sources = [
-        {"path": str(work / "data" / task), "weight": w}
-        for task, w in mixture.items()
-        if w > 0 and (work / "data" / task).is_dir()
-    ]
+    sources = []
+    for src in load_config(config).data.sources:
+        folder = work / "data" / Path(src.path).name
+        if folder.is_dir():
+            sources.append({**dataclasses.asdict(src), "path": str(folder)})
     out = [f"run.dir={work / 'run'}", f"model.path={work / 'init'}", f"data.sources={json.dumps(sources)}"]
     if steps is not None:
         out.append(f"train.steps={steps}")
@@ -295,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage(
         "train",
         (work / "run" / "export" / "ema.safetensors").is_file(),
-        lambda: run_training(args.train_config, train_overrides(work, args.steps) + args.set),
+        lambda: run_training(args.train_config, train_overrides(work, args.steps, args.train_config) + args.set),
     )
 
     def do_export() -> None:
@@ -312,7 +310,10 @@ def main(argv: list[str] | None = None) -> dict:
         times["evaluate"] = round(time.time() - t0)
     if args.eval_checkpoints:
         result["checkpoints"] = evaluate_checkpoints(
-            work, args.train_config, train_overrides(work, args.steps) + args.set, max(args.eval_per_category, 5)
+            work,
+            args.train_config,
+            train_overrides(work, args.steps, args.train_config) + args.set,
+            max(args.eval_per_category, 5),
         )
     (work / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
