@@ -200,6 +200,7 @@ class ChatClient:
         key = api_key if api_key is not None else resolve_api_key(cfg.api_key_env, cfg.base_url)
         self._client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
         self._slots = asyncio.Semaphore(cfg.concurrency)
+        self._fatal: str | None = None  # set by the first 401/403/404: later calls fail without a request
         self._jitter = random.Random()  # timing only; never touches the data
 
     def __repr__(self) -> str:  # never show the key
@@ -273,15 +274,18 @@ class ChatClient:
             retry_after = None
             try:
                 async with self._slots:
+                    if self._fatal is not None:  # a call that waited for a slot while another one got a 401
+                        raise FatalError(self._fatal)
                     self.counters.count("requests", self.name)
                     return await self._client.chat.completions.create(**kwargs)
             except openai.APIStatusError as e:
                 status = e.status_code
                 if status in FATAL_STATUS:
-                    raise FatalError(
+                    self._fatal = (
                         f"{self.name}: HTTP {status} from {cfg.base_url} (model {cfg.model!r}): {_short(e)}; "
                         f"check the endpoint's base_url, model and the key in ${cfg.api_key_env}"
-                    ) from e
+                    )
+                    raise FatalError(self._fatal) from e
                 if status == 400 and schema is not None and mode == "json_schema" and _mentions_format(e):
                     self.mode = "json_object"  # the server has no json_schema support: ask for JSON in the prompt
                     continue
