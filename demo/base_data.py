@@ -92,6 +92,20 @@ def write_base_data(
     return {**counts, "canvas": canvas, "seed": seed, "seconds": round(time.time() - t0)}
 
 
+def base_texts(data_dir: str | Path):
+    """Every text of the base data under `data_dir` (each record's prompt and text turns), file by file."""
+    import pyarrow.parquet as pq
+
+    for path in sorted(Path(data_dir).glob("*/*.parquet")):
+        table = pq.read_table(path, columns=["prompt", "turns"]).to_pylist()
+        for row in table:
+            if row["prompt"]:
+                yield row["prompt"]
+            for turn in row["turns"]:
+                if turn.get("text"):
+                    yield turn["text"]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output dir of parquet files")

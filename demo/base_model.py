@@ -9,13 +9,15 @@ Stages (each skips itself when its output exists in `--work`, so a stopped run c
                   vae_config.json; latent normalisation fitted)                       -> WORK/ae
   2. data         `demo.base_data` writes t2i, caption and text records at the AE's
                   canvas, one folder per task                                          -> WORK/data
-  3. init         random Bagel weights (seed `--seed`) of the model config + the trained AE + the byte
+  3. tokenizer    a byte-level BPE (`bagel_ft.tokenizer.train_bpe_tokenizer`) trained on the base data's
+                  texts, vocabulary <= the model config's vocab_size, the PSIR tags one id each -> WORK/tokenizer
+  4. init         random Bagel weights (seed `--seed`) of the model config + the trained AE + that
                   tokenizer, saved in the official layout                              -> WORK/init
-  4. train        the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
+  5. train        the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
                   configs/train/shapes_base.yaml with model.path = WORK/init           -> WORK/run
                   (its EMA export, official layout: WORK/run/export)
-  5. export       the export copied to `--out` (configs, ema.safetensors, ae.safetensors, tokenizer)
-  6. evaluate     ShapesEval prompts (`--eval-per-category` per category, one sample each) drawn by
+  6. export       the export copied to `--out` (configs, ema.safetensors, ae.safetensors, tokenizer)
+  7. evaluate     ShapesEval prompts (`--eval-per-category` per category, one sample each) drawn by
                   `inference` in single mode, judged by `demo.judge_eval`              -> WORK/eval.json
 
 The model config is `configs/model/shapes_base/` (the four official config files; read with
@@ -36,7 +38,7 @@ import torch
 from bagel_ft.checkpoint import load_autoencoder
 from bagel_ft.config import BagelConfig, VAEConfig
 from bagel_ft.modeling import Bagel
-from bagel_ft.tokenizer import ByteTokenizer
+from bagel_ft.tokenizer import load_tokenizer, train_bpe_tokenizer
 from bagel_ft.transforms import ImageGeometry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,11 +89,37 @@ def standardize_timestep_embedder(model: Bagel, min_std: float = 0.01) -> None:
     layer.bias.sub_(layer.weight @ mean)
 
 
+def build_tokenizer(data_dir: str | Path, vocab_size: int):
+    """The base's tokenizer: `train_bpe_tokenizer` on every text of the base data (`demo.base_data.base_texts`)
+    with at most `vocab_size` ids, plus the PSIR format's tags (`bagel_ft.trajectory.TAGS`) as whole tokens
+    (non-special: they decode as text, like Qwen2.5's `<tool_call>`), so the stream's markup costs one id per tag."""
+    from bagel_ft.trajectory import TAGS
+    from demo.base_data import base_texts
+
+    tags = [t for pair in TAGS.values() for t in pair]
+    tok = train_bpe_tokenizer(base_texts(data_dir), vocab_size - len(tags))
+    tok.hf.add_tokens(tags)
+    tok.vocab_size = len(tok.hf)
+    return tok
+
+
 def build_init_checkpoint(
-    cfg: BagelConfig, ae_dir: str | Path, out: str | Path, seed: int = 0, timestep_init: str = "official"
+    cfg: BagelConfig,
+    ae_dir: str | Path,
+    out: str | Path,
+    seed: int = 0,
+    timestep_init: str = "official",
+    tokenizer_dir: str | Path = "byte",
 ) -> Path:
     """Random Bagel weights (official init, seeded; `timestep_init="standardized"`:
-    `standardize_timestep_embedder`) + the trained AE + byte tokenizer, official layout."""
+    `standardize_timestep_embedder`) + the trained AE + the tokenizer (`load_tokenizer(tokenizer_dir)`), official
+    layout."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if tokenizer.vocab_size > cfg.llm.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer_dir}: {tokenizer.vocab_size} ids, but the model config's llm vocab_size is "
+            f"{cfg.llm.vocab_size}"
+        )
     torch.manual_seed(seed)
     model = Bagel(cfg).attach_vae(load_autoencoder(Path(ae_dir) / "ae.safetensors", cfg))
     if timestep_init == "standardized":
@@ -99,7 +127,7 @@ def build_init_checkpoint(
     elif timestep_init != "official":
         raise ValueError(f"timestep_init: expected 'official' or 'standardized', got {timestep_init!r}")
     model.save_pretrained(out)
-    ByteTokenizer().save_pretrained(out)
+    tokenizer.save_pretrained(out)
     return Path(out)
 
 
@@ -131,15 +159,21 @@ def run_training(config: str | Path, overrides: list[str]) -> None:
 
 
 def draw_shapes_eval(
-    model_or_dir, per_category: int = 10, flow: FlowDefaults | None = None, seed: int = 0, canvas: int | None = None
+    model_or_dir,
+    per_category: int = 10,
+    flow: FlowDefaults | None = None,
+    seed: int = 0,
+    canvas: int | None = None,
+    tokenizer: str | Path | None = None,
 ):
     """(prompts, images): the first `per_category` ShapesEval prompts of every category, one image each
-    (`inference` single mode, seed + prompt index)."""
+    (`inference` single mode, seed + prompt index). The tokenizer: `tokenizer`, else the checkpoint dir's."""
     from inference.api import GenerateOptions, Generator
     from inference.engine import Engine, FlowSettings
     from scene_graphs.shapes import shapes_eval_prompts
 
     model = Bagel.from_pretrained(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
+    tokenizer = load_tokenizer(tokenizer or model_or_dir)
     side = canvas or model.config.vae.resolution
     f = flow or FlowDefaults()
     settings = FlowSettings(
@@ -150,7 +184,7 @@ def draw_shapes_eval(
         cfg_text_scale=f.cfg_text_scale,
         cfg_interval=tuple(f.cfg_interval),
     )
-    gen = Generator(Engine(model.eval(), ByteTokenizer()), GenerateOptions(mode="single", flow=settings))
+    gen = Generator(Engine(model.eval(), tokenizer), GenerateOptions(mode="single", flow=settings))
     seen: dict[str, int] = {}
     prompts, images = [], []
     for i, p in enumerate(shapes_eval_prompts()):
@@ -286,9 +320,16 @@ def main(argv: list[str] | None = None) -> dict:
     stage("data", (work / "data" / "done.json").is_file(), do_data)
     cfg = model_config(args.model_config, work / "ae")
     stage(
+        "tokenizer",
+        (work / "tokenizer" / "tokenizer.json").is_file(),
+        lambda: build_tokenizer(work / "data", cfg.llm.vocab_size).save_pretrained(work / "tokenizer"),
+    )
+    stage(
         "init",
         (work / "init" / "ema.safetensors").is_file(),
-        lambda: build_init_checkpoint(cfg, work / "ae", work / "init", args.seed, args.timestep_init),
+        lambda: build_init_checkpoint(
+            cfg, work / "ae", work / "init", args.seed, args.timestep_init, work / "tokenizer"
+        ),
     )
     stage(
         "train",
@@ -299,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     def do_export() -> None:
         model = Bagel.from_pretrained(work / "run" / "export")
         model.save_pretrained(args.out)
-        ByteTokenizer().save_pretrained(args.out)
+        load_tokenizer(work / "run" / "export").save_pretrained(args.out)
         ImageGeometry.from_dir(work / "run" / "export").save_dir(args.out)  # the sizes it was trained at
 
     stage("export", False, do_export)

@@ -124,6 +124,29 @@ def test_base_data_writes_one_folder_per_task(tmp_path):
     assert [Path(s["path"]).name for s in sources] == ["t2i", "caption"]
 
 
+def test_base_tokenizer_reads_shapes_words_whole_and_fits_the_model(tmp_path):
+    """The base's BPE, trained on the base data: shapes words and the PSIR tags are one id each, any text
+    round-trips, and the init checkpoint refuses a tokenizer larger than the model's vocabulary."""
+    from bagel_ft.config import BagelConfig
+    from bagel_ft.trajectory import TAGS
+    from demo.base_data import write_base_data
+    from demo.base_model import MODEL_CONFIG, build_init_checkpoint, build_tokenizer
+
+    write_base_data(tmp_path / "data", t2i=60, caption=20, canvas=32, text=20)
+    cfg = BagelConfig.from_dir(MODEL_CONFIG)
+    tok = build_tokenizer(tmp_path / "data", cfg.llm.vocab_size)
+    assert tok.vocab_size <= cfg.llm.vocab_size
+    for word in (" circle", " square", " triangle", " diamond", " cross", " red", " purple", " left"):
+        assert len(tok.encode(word)) == 1, word
+    text = "<ins>draw a red circle</ins><des>a red circle</des><inspect>inconsistent</inspect>"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text and all(len(tok.encode(t)) == 1 for pair in TAGS.values() for t in pair)
+    tok.save_pretrained(tmp_path / "tok")
+    cfg.llm.vocab_size = tok.vocab_size - 1
+    with pytest.raises(ValueError, match="vocab_size"):
+        build_init_checkpoint(cfg, tmp_path / "no-ae", tmp_path / "init", tokenizer_dir=tmp_path / "tok")
+
+
 def test_judge_view_upsamples_small_images():
     from PIL import Image
 

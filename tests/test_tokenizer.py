@@ -12,6 +12,7 @@ from bagel_ft.tokenizer import (
     QWEN25_ADDED_TOKENS,
     QWEN_PATTERN,
     ByteTokenizer,
+    HFTokenizer,
     QwenTokenizer,
     Tokenizer,
     TokenizerError,
@@ -19,6 +20,7 @@ from bagel_ft.tokenizer import (
     load_tokenizer,
     qwen_tiktoken_file,
     save_qwen25_tokenizer,
+    train_bpe_tokenizer,
 )
 
 PSIR_TEXT = (
@@ -26,6 +28,43 @@ PSIR_TEXT = (
     "<inspect>inconsistent</inspect><analysis>the cube is green</analysis><refine>make the cube red</refine>"
 )
 MIXED_TEXT = "Hello, world!  12345 naïve café 日本語 \n\n\tend  x's we'll — ✓"
+
+
+# ---- small byte-level BPE (tiny models) --------------------------------------------------------------
+
+CORPUS = [f"a {c} {s} to the left of two {c2} {s}s" for c in ("red", "blue", "green") for c2 in ("black", "white")
+          for s in ("circle", "square", "cross")] * 4  # fmt: skip
+
+
+def test_bpe_tokenizer_specials_words_round_trip_and_save_load(tmp_path):
+    tok = train_bpe_tokenizer(CORPUS, vocab_size=400)
+    assert isinstance(tok, Tokenizer) and isinstance(tok, HFTokenizer) and not isinstance(tok, QwenTokenizer)
+    specials = (tok.end_of_text_id, tok.bos_id, tok.eos_id, tok.vision_start_id, tok.vision_end_id)
+    assert specials == (0, 1, 2, 3, 4)
+    assert 256 + 5 < tok.vocab_size <= 400
+    assert len(tok.encode(" circle")) == 1 and len(tok.encode("a red square")) == 3  # corpus words: one id each
+    for text in (PSIR_TEXT, MIXED_TEXT, "zebra ✓"):  # unseen text still encodes (byte alphabet) and round-trips
+        ids = tok.encode(text)
+        assert max(ids) < tok.vocab_size and not set(ids) & set(specials)
+        assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id, *tok.encode("ok"), tok.eos_id]) == "<|im_start|>ok<|im_end|>"
+    assert tok.decode([tok.bos_id, *tok.encode("ok"), tok.eos_id], skip_special_tokens=True) == "ok"
+    assert train_bpe_tokenizer(CORPUS, vocab_size=400).encode(PSIR_TEXT) == tok.encode(PSIR_TEXT)  # deterministic
+    tok.save_pretrained(tmp_path / "ckpt")
+    loaded = load_tokenizer(tmp_path / "ckpt")
+    assert type(loaded) is HFTokenizer and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode(PSIR_TEXT + MIXED_TEXT) == tok.encode(PSIR_TEXT + MIXED_TEXT)
+    assert (loaded.bos_id, loaded.eos_id, loaded.vision_end_id) == (1, 2, 4)
+
+
+def test_hf_wrapper_rejects_a_vocabulary_without_the_stream_tokens():
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=Backend(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]")))
+    with pytest.raises(TokenizerError, match="has no <|im_start|> token"):
+        HFTokenizer(hf)
 
 
 # ---- byte tokenizer --------------------------------------------------------------------------------

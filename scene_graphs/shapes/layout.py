@@ -10,7 +10,7 @@ The solver demands `LAYOUT_MARGIN` (0.7) so that a judge measuring slightly diff
 or blurred picture still sees the relation.
 
 Placement is sequential: each instance is drawn (weighted towards a target from the order of its
-object along each axis) from all grid positions that keep a gap to every placed box and satisfy every
+object along each axis) from all grid positions (corners in steps of canvas / `GRID` px) that keep a gap to every placed box and satisfy every
 relation with already-placed instances; on a dead end the solver restarts (seeded). Passing `previous`
 keeps the instances of objects it already holds where they were (same boxes, same colors), so a
 trajectory of renders is a coherent sequence of edits: added objects are placed around the old ones,
@@ -30,7 +30,15 @@ import networkx as nx
 import numpy as np
 
 from scene_graphs.schema import AXIS_PREDICATES, Relation, SceneGraph
-from scene_graphs.shapes.vocab import COLORS, MAX_CANVAS, MIN_CANVAS, SIZE_FRACTION, ShapesError, check_shapes_graph
+from scene_graphs.shapes.vocab import (
+    COLORS,
+    GRID,
+    MAX_CANVAS,
+    MIN_CANVAS,
+    SIZE_FRACTION,
+    ShapesError,
+    check_shapes_graph,
+)
 
 Box = tuple[int, int, int, int]
 POSITION_THRESHOLD = 0.1  # GenEval's: part of the box extents that does not count as offset
@@ -240,7 +248,7 @@ def _place_all(graph, fixed, reserved, sides, targets, size, rng, shuffle) -> di
 def _place_one(graph, oid, side, placed, target, size, rng) -> Box | None:
     """A random valid box for one more instance of `oid`, or None."""
     margin, g = max(1, round(0.03 * size)), gap_px(size)
-    step = max(1, size // 64)
+    step = max(1, size // GRID)
     coords = np.arange(margin, size - margin - side + 1, step)
     if coords.size == 0:
         return None

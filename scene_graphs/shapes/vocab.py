@@ -3,7 +3,10 @@
 Colors are GenEval color words whose RGB values stay >= ~100 apart (Euclidean, 0-255) from each other
 and >= ~115 from the mid-gray background, so nearest-palette classification survives noise and blur.
 Sizes are the side of an instance's square box as a fraction of the canvas side; an object whose size
-the graph leaves open is drawn `medium`.
+the graph leaves open is drawn `medium`. Objects sit on a coarse grid (`GRID` steps per canvas side): a
+shape then has one look per size, the way sprites on a board do, instead of one per pixel offset; a
+tiny generator learns such shapes in thousands of steps where free positions left it drawing blobs
+(docs/results.md, "Base model trials, fourth session").
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 BACKGROUND = (140, 140, 140)
 SIZES = ("small", "large")  # words a prompt may use
 SIZE_FRACTION = {"small": 0.15, "medium": 0.2, "large": 0.27}  # box side / canvas side
+GRID = 8  # boxes sit on a grid: their corners move in steps of canvas / GRID px (8 px at 64 px); see layout.py
 MAX_COUNT = 4
 RELATIONS = tuple(AXIS_PREDICATES)  # left of, right of, above, below
 MIN_CANVAS, MAX_CANVAS = 32, 256
