@@ -10,7 +10,7 @@ Stages (each skips itself when its output exists in `--work`, so a stopped run c
   2. data         `demo.base_data` writes t2i, caption and text records at the AE's
                   canvas, one folder per task                                          -> WORK/data
   3. tokenizer    a byte-level BPE (`bagel_ft.tokenizer.train_bpe_tokenizer`) trained on the base data's
-                  texts, vocabulary <= the model config's vocab_size, the PSIR tags one id each -> WORK/tokenizer
+                  texts, vocabulary <= the model config's vocab_size                   -> WORK/tokenizer
   4. init         random Bagel weights (seed `--seed`) of the model config + the trained AE + that
                   tokenizer, saved in the official layout                              -> WORK/init
   5. train        the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
@@ -90,17 +90,11 @@ def standardize_timestep_embedder(model: Bagel, min_std: float = 0.01) -> None:
 
 
 def build_tokenizer(data_dir: str | Path, vocab_size: int):
-    """The base's tokenizer: `train_bpe_tokenizer` on every text of the base data (`demo.base_data.base_texts`)
-    with at most `vocab_size` ids, plus the PSIR format's tags (`bagel_ft.trajectory.TAGS`) as whole tokens
-    (non-special: they decode as text, like Qwen2.5's `<tool_call>`), so the stream's markup costs one id per tag."""
-    from bagel_ft.trajectory import TAGS
+    """The base's tokenizer: `train_bpe_tokenizer` on every text of the base data (`demo.base_data.base_texts`),
+    at most `vocab_size` ids. The PSIR tags stay ordinary text, split into BPE pieces (docs/format.md section 4)."""
     from demo.base_data import base_texts
 
-    tags = [t for pair in TAGS.values() for t in pair]
-    tok = train_bpe_tokenizer(base_texts(data_dir), vocab_size - len(tags))
-    tok.hf.add_tokens(tags)
-    tok.vocab_size = len(tok.hf)
-    return tok
+    return train_bpe_tokenizer(base_texts(data_dir), vocab_size)
 
 
 def build_init_checkpoint(

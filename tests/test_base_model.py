@@ -1,7 +1,7 @@
 """The shipped shapes base model (checkpoints/shapes-base) and the recipe's small pieces, without retraining.
 
 * the checkpoint loads strictly with `Bagel.from_pretrained` (configs, ema.safetensors, ae.safetensors) and its
-  tokenizer is the byte tokenizer; it stays small;
+  tokenizer is the recipe's small BPE; it stays small;
 * it generates an image of the canvas size through `inference` (few Euler steps: a plumbing check, not quality);
 * its AE reconstructs a shapes render so the judge reads the same objects;
 * the base data records are valid `t2i` / `caption` trajectories; the judging view upsamples small images.
@@ -17,7 +17,7 @@ import torch
 
 from bagel_ft.checkpoint import AE_FILE, CONFIG_FILES
 from bagel_ft.modeling import Bagel
-from bagel_ft.tokenizer import ByteTokenizer, load_tokenizer
+from bagel_ft.tokenizer import HFTokenizer, load_tokenizer
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-base"
 OFFICIAL_FILES = (*CONFIG_FILES, "ema.safetensors", AE_FILE)
@@ -49,8 +49,9 @@ def test_checkpoint_files_are_the_official_layout_and_small():
 def test_loads_strictly_with_its_autoencoder(base_model):
     assert base_model.vae is not None
     cfg = base_model.config
-    assert cfg.llm.vocab_size == ByteTokenizer.vocab_size and cfg.llm.is_mot
-    assert isinstance(load_tokenizer(CKPT), ByteTokenizer)
+    tokenizer = load_tokenizer(CKPT)
+    assert isinstance(tokenizer, HFTokenizer) and tokenizer.vocab_size <= cfg.llm.vocab_size and cfg.llm.is_mot
+    assert [len(tokenizer.encode(w)) for w in (" triangle", " purple", " left")] == [1, 1, 1]
     side = cfg.vae.resolution
     assert side == cfg.latent_downsample * cfg.arch.max_latent_size  # the canvas fills the latent table
     assert all(torch.isfinite(p).all() for p in base_model.parameters())
@@ -65,7 +66,7 @@ def test_generates_an_image_of_the_canvas_size(base_model):
     flow = FlowSettings(
         height=side, width=side, num_timesteps=4, timestep_shift=1.0, cfg_text_scale=2.0, cfg_interval=(0.0, 1.0)
     )
-    gen = Generator(Engine(base_model, ByteTokenizer()), GenerateOptions(mode="single", flow=flow))
+    gen = Generator(Engine(base_model, load_tokenizer(CKPT)), GenerateOptions(mode="single", flow=flow))
     result = gen.generate("a red circle to the left of a blue square", seed=0)
     assert result.image.size == (side, side)
     assert result.cost.flow_steps == 3
@@ -125,10 +126,9 @@ def test_base_data_writes_one_folder_per_task(tmp_path):
 
 
 def test_base_tokenizer_reads_shapes_words_whole_and_fits_the_model(tmp_path):
-    """The base's BPE, trained on the base data: shapes words and the PSIR tags are one id each, any text
+    """The base's BPE, trained on the base data: shapes words are one id each, any text (PSIR tags included)
     round-trips, and the init checkpoint refuses a tokenizer larger than the model's vocabulary."""
     from bagel_ft.config import BagelConfig
-    from bagel_ft.trajectory import TAGS
     from demo.base_data import write_base_data
     from demo.base_model import MODEL_CONFIG, build_init_checkpoint, build_tokenizer
 
@@ -140,7 +140,7 @@ def test_base_tokenizer_reads_shapes_words_whole_and_fits_the_model(tmp_path):
         assert len(tok.encode(word)) == 1, word
     text = "<ins>draw a red circle</ins><des>a red circle</des><inspect>inconsistent</inspect>"
     ids = tok.encode(text)
-    assert tok.decode(ids) == text and all(len(tok.encode(t)) == 1 for pair in TAGS.values() for t in pair)
+    assert tok.decode(ids) == text and max(ids) < tok.vocab_size
     tok.save_pretrained(tmp_path / "tok")
     cfg.llm.vocab_size = tok.vocab_size - 1
     with pytest.raises(ValueError, match="vocab_size"):
@@ -191,3 +191,14 @@ def test_shipped_base_uses_the_timestep_and_the_prompt():
     assert rows[1.0].true_t < 0.9 * rows[1.0].told_half, rows
     assert rows[1.0].true_t < 1.0, rows  # better than the unconditional-mean image (unit-variance latents)
     assert rows[0.9].conditioning_gain > 0, rows
+
+
+@needs_checkpoint
+def test_shipped_base_reads_the_shape_word():
+    """The failure the grid fixed (docs/results.md, fourth session): a base that draws the average of the five
+    shapes does as well told the wrong shape word as the right one (T12: +1.9% error; the shipped base: > +100%)."""
+    from demo.base_diagnostics import word_sensitivity
+
+    row = word_sensitivity(str(CKPT), timesteps=(0.9,))[0.9]
+    assert row["shape swapped"] > 1.3 * row["true"], row
+    assert row["color swapped"] > 1.3 * row["true"], row
