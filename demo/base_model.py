@@ -1,6 +1,6 @@
 """Rebuild the shapes-world base model (`checkpoints/shapes-base`) end to end: the BAGEL release's analog.
 
-    python -m demo.base_model --out checkpoints/shapes-base            # the shipped checkpoint (~45 min, 1 core)
+    python -m demo.base_model --out checkpoints/shapes-base            # the shipped checkpoint (~50 min, 1 core)
     python -m demo.base_model --out runs/try --work runs/try-work --steps 200 --t2i 2000 --caption 400 \
         --ae-steps 200                                                  # a ~10 min smoke run of every stage
 
