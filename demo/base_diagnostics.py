@@ -41,44 +41,52 @@ class Row:
         return (self.no_prompt - self.true_t) / self.no_prompt
 
 
+def clean_latent(engine, graph, seed: int) -> tuple[torch.Tensor, int, int]:
+    """(patchified clean latent x0 on the CPU, latent h, latent w) of `render(graph, canvas, seed)`."""
+    from bagel_ft.embeddings import patchify_latent
+    from scene_graphs.shapes import render
+
+    f, p = engine.config.latent_downsample, engine.config.arch.latent_patch_size
+    x = engine.prepare_image(render(graph, engine.max_image_side, seed=seed)[0], "vae")
+    x0 = patchify_latent(engine.model.encode_images(x[None].to(engine.device))[0], p).float().cpu()
+    return x0, x.shape[1] // f, x.shape[2] // f
+
+
+def velocity_mse(engine, ctx, x_t: torch.Tensor, t: float, h: int, w: int, target: torch.Tensor) -> float:
+    """Mean squared error of the velocity the model predicts in context `ctx`, told timestep `t`."""
+    return (engine.velocity(ctx, x_t, t, h, w).cpu() - target).pow(2).mean().item()
+
+
 @torch.no_grad()
 def velocity_errors(ckpt: str, prompts: int = 40, seed: int = 0, timesteps=TIMESTEPS) -> list[Row]:
     """The module doc's table for the first `prompts` of every tenth ShapesEval prompt."""
-    from bagel_ft.embeddings import patchify_latent
     from inference.engine import Engine
     from inference.psir import start_stream
-    from scene_graphs.shapes import render, shapes_eval_prompts
+    from scene_graphs.shapes import shapes_eval_prompts
 
     engine = Engine.from_pretrained(ckpt)
-    f, p = engine.config.latent_downsample, engine.config.arch.latent_patch_size
-    side = engine.max_image_side
     chosen = shapes_eval_prompts()[::10][:prompts]
     gen = torch.Generator().manual_seed(seed)
     sums = {t: [0.0, 0.0, 0.0] for t in timesteps}
     for i, prompt in enumerate(chosen):
-        x = engine.prepare_image(render(prompt.graph, side, seed=i)[0], "vae")
-        h, w = x.shape[1] // f, x.shape[2] // f
-        x0 = patchify_latent(engine.model.encode_images(x[None].to(engine.device))[0], p).float().cpu()
+        x0, h, w = clean_latent(engine, prompt.graph, seed=i)
         stream = start_stream(engine, prompt.text)
         eps = torch.randn(x0.shape, generator=gen)
         for t in timesteps:
             x_t, target = (1 - t) * x0 + t * eps, eps - x0
             for k, (ctx, told) in enumerate(((stream.gen, t), (stream.gen, 0.5), (stream.cfg_text, t))):
-                sums[t][k] += (engine.velocity(ctx, x_t, told, h, w).cpu() - target).pow(2).mean().item()
+                sums[t][k] += velocity_mse(engine, ctx, x_t, told, h, w, target)
     return [Row(t, *(v / len(chosen) for v in sums[t])) for t in timesteps]
 
 
 @torch.no_grad()
 def word_sensitivity(ckpt: str, seed: int = 0, timesteps=(0.9, 0.7, 0.5)) -> dict[float, dict[str, float]]:
     """{t: {"true": mse, "shape swapped": mse, "color swapped": mse, "no prompt": mse}} (module doc, `--words`)."""
-    from bagel_ft.embeddings import patchify_latent
     from inference.engine import Engine
     from inference.psir import start_stream
-    from scene_graphs.shapes import SHAPES, parse_prompt, render
+    from scene_graphs.shapes import SHAPES, parse_prompt
 
     engine = Engine.from_pretrained(ckpt)
-    f, p = engine.config.latent_downsample, engine.config.arch.latent_patch_size
-    side = engine.max_image_side
     gen = torch.Generator().manual_seed(seed)
     colors = ("red", "blue", "yellow", "green")
     sums = {t: dict.fromkeys(("true", "shape swapped", "color swapped", "no prompt"), 0.0) for t in timesteps}
@@ -91,18 +99,14 @@ def word_sensitivity(ckpt: str, seed: int = 0, timesteps=(0.9, 0.7, 0.5)) -> dic
                 "shape swapped": f"a {color} {SHAPES[(i + 1 + j) % len(SHAPES)]}",
                 "color swapped": f"a {colors[(j + 1) % len(colors)]} {shape}",
             }
-            x = engine.prepare_image(render(parse_prompt(text), side, seed=n)[0], "vae")
-            h, w = x.shape[1] // f, x.shape[2] // f
-            x0 = patchify_latent(engine.model.encode_images(x[None].to(engine.device))[0], p).float().cpu()
+            x0, h, w = clean_latent(engine, parse_prompt(text), seed=n)
             streams = {k: start_stream(engine, v) for k, v in variants.items()}
             eps = torch.randn(x0.shape, generator=gen)
             for t in timesteps:
                 x_t, target = (1 - t) * x0 + t * eps, eps - x0
                 for k, stream in streams.items():
-                    sums[t][k] += (engine.velocity(stream.gen, x_t, t, h, w).cpu() - target).pow(2).mean().item()
-                sums[t]["no prompt"] += (
-                    (engine.velocity(streams["true"].cfg_text, x_t, t, h, w).cpu() - target).pow(2).mean().item()
-                )
+                    sums[t][k] += velocity_mse(engine, stream.gen, x_t, t, h, w, target)
+                sums[t]["no prompt"] += velocity_mse(engine, streams["true"].cfg_text, x_t, t, h, w, target)
             n += 1
     return {t: {k: v / n for k, v in row.items()} for t, row in sums.items()}
 

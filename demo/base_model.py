@@ -158,16 +158,21 @@ def draw_shapes_eval(
     flow: FlowDefaults | None = None,
     seed: int = 0,
     canvas: int | None = None,
-    tokenizer: str | Path | None = None,
+    tokenizer=None,
 ):
     """(prompts, images): the first `per_category` ShapesEval prompts of every category, one image each
-    (`inference` single mode, seed + prompt index). The tokenizer: `tokenizer`, else the checkpoint dir's."""
+    (`inference` single mode, seed + prompt index). `model_or_dir`: a checkpoint dir (its tokenizer is used), or
+    a loaded `Bagel` with its `tokenizer` (a `bagel_ft.tokenizer` object)."""
     from inference.api import GenerateOptions, Generator
     from inference.engine import Engine, FlowSettings
     from scene_graphs.shapes import shapes_eval_prompts
 
-    model = Bagel.from_pretrained(model_or_dir) if isinstance(model_or_dir, (str, Path)) else model_or_dir
-    tokenizer = load_tokenizer(tokenizer or model_or_dir)
+    if isinstance(model_or_dir, (str, Path)):
+        model, tokenizer = Bagel.from_pretrained(model_or_dir), tokenizer or load_tokenizer(model_or_dir)
+    elif tokenizer is None:
+        raise ValueError("draw_shapes_eval: a loaded model needs its tokenizer (or pass the checkpoint dir)")
+    else:
+        model = model_or_dir
     side = canvas or model.config.vae.resolution
     f = flow or FlowDefaults()
     settings = FlowSettings(

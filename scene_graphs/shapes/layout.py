@@ -10,15 +10,15 @@ The solver demands `LAYOUT_MARGIN` (0.7) so that a judge measuring slightly diff
 or blurred picture still sees the relation.
 
 Placement is sequential: each instance is drawn (weighted towards a target from the order of its
-object along each axis) from all grid positions (corners in steps of canvas / `GRID` px) that keep a gap to every placed box and satisfy every
-relation with already-placed instances; on a dead end the solver restarts (seeded). Passing `previous`
-keeps the instances of objects it already holds where they were (same boxes, same colors), so a
-trajectory of renders is a coherent sequence of edits: added objects are placed around the old ones,
-removed ones vanish, a size change keeps the center, and a relation that no longer holds (a swap)
-exchanges the two objects' positions when that is valid, else re-places the subject. Passing `plan`
-(the final scene's layout, see `step_plans` / `render.render_steps`) places objects at their final
-boxes from the start and keeps those of objects still to come free, so later steps need not move
-anything already drawn.
+object along each axis) from all grid positions (corners in steps of canvas / `GRID` px) that keep a
+gap to every placed box and satisfy every relation with already-placed instances; on a dead end the
+solver restarts (seeded). Passing `previous` keeps the instances of objects it already holds where
+they were (same boxes, same colors), so a trajectory of renders is a coherent sequence of edits: added
+objects are placed around the old ones, removed ones vanish, a size change keeps the center, and a
+relation that no longer holds (a swap) exchanges the two objects' positions when that is valid, else
+re-places the subject. Passing `plan` (the final scene's layout, see `step_plans` /
+`render.render_steps`) places objects at their final boxes from the start and keeps those of objects
+still to come free, so later steps need not move anything already drawn.
 """
 
 from __future__ import annotations
