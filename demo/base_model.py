@@ -313,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     stage("autoencoder", (work / "ae" / "metrics.json").is_file(), do_ae)
 
     def do_data() -> None:
-        done = write_base_data(work / "data", args.t2i, args.caption, vae.resolution, text=args.text)
+        counts = {"t2i": args.t2i, "caption": args.caption, "text": args.text}
+        done = write_base_data(work / "data", counts, vae.resolution)
         (work / "data" / "done.json").write_text(json.dumps(done) + "\n")
 
     stage("data", (work / "data" / "done.json").is_file(), do_data)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bagel_ft.tokenizer import ByteTokenizer
-from bagel_ft.trajectory import Turn, inspect_text, plan_text, refine_text
+from bagel_ft.trajectory import FORMAT_VERSION, Turn, inspect_text, plan_text, refine_text
 from inference.api import GenerateOptions, Generator
 from inference.engine import Engine
 from inference.html import render_html
@@ -73,7 +73,7 @@ def test_forced_multi_step_trajectory_is_well_formed(engine, tmp_path):
 
     folder = Result("a big red circle", stream.last_image, traj, stream.cost).save(tmp_path)
     row = json.loads((folder / "trajectory.json").read_text())
-    assert row["image_paths"] == ["00.png", "01.png"] and row["format_version"] == 1
+    assert row["image_paths"] == ["00.png", "01.png"] and row["format_version"] == FORMAT_VERSION
     assert [s["role"] for s in row["meta"] and json.loads(row["meta"])["steps"]] == ["plan", "inspect", "refine", "inspect"]
     assert all((folder / p).is_file() for p in row["image_paths"]) and (folder / "final.png").is_file()
     page = (folder / "index.html").read_text()
