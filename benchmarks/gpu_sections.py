@@ -175,7 +175,8 @@ def training_config(run: Run, tokens: int, run_dir: str):
 
 def psir_pack(run: Run, cfg, mcfg: BagelConfig, section: str):
     """One pack of synthetic PSIR trajectories (plan / image / inspect turns, t2i and caption records) from the
-    training data stream: the packer, CFG dropout, timesteps and noise of a real run. Returns (pack, a row on it)."""
+    training data stream: the packer, timesteps and noise of a real run (CFG dropout off, see training_config).
+    Returns (pack, a row on it)."""
     from training.data import DataStream
     from training.synthetic import SyntheticTable
     from training.trainer import stream_spec
