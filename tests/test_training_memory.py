@@ -182,3 +182,12 @@ def test_recipe_dry_run_fits_8_gpus_and_refuses_one(capsys):
     assert est.total / 2**30 < 0.9 * 80
     assert dry_run(cfg, 1) == 1
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_no_ema_counts_no_ema_bytes():
+    mcfg = BagelConfig.preset("tiny")
+    with_ema = estimate_for_config(load_config(TINY), mcfg, 1, "cpu")
+    without = estimate_for_config(load_config(TINY, ["optim.ema_decay=0"]), mcfg, 1, "cpu")
+    counts = ParamCounts.of(load_config(TINY), mcfg)
+    assert with_ema.ema == 4 * counts.trainable and without.ema == 0
+    assert with_ema.total - without.total == 4 * counts.trainable

@@ -8,7 +8,7 @@ Bytes per parameter by sharding (W = processes; P = all Bagel parameters, Pt = t
   working params      -               (root unit + 2 layers) x b       -   (all-gathered in compute dtype)
   grads               4 Pt            4 Pt / W                         4 Pt / W
   optimizer (AdamW)   8 Pt            8 Pt / W                         8|12 Pt / W (+fp32 master with bf16)
-  EMA (fp32)          4 Pt            4 Pt / W                         4 Pt
+  EMA (fp32)          4 Pt            4 Pt / W                         4 Pt      (0 with optim.ema_decay=0)
   VAE (frozen)        4 P_vae everywhere (replicated, never sharded)
 zero3 (DeepSpeed) is zero2 with the weights and the EMA divided by W too, and fsdp's working params (an upper
 bound: ZeRO-3 gathers per submodule, finer than the root unit).
@@ -151,6 +151,7 @@ def estimate(
     compute_bytes: int,
     activation_checkpointing: bool,
     device_type: str,
+    ema: bool = True,
 ) -> MemoryEstimate:
     llm, vit = mcfg.llm, mcfg.vit
     w = world if sharding in ("fsdp", "zero3") else 1
@@ -162,7 +163,7 @@ def estimate(
     working = gathered * compute_bytes if sharding in ("fsdp", "zero3") and world > 1 else 0
     grads = 4 * counts.trainable / g
     optimizer = (12 if ds_bf16 else 8) * counts.trainable / g
-    ema = 4 * counts.trainable / w
+    ema = 4 * counts.trainable / w if ema else 0
     vae = 4 * counts.vae
 
     T, b = shape.tokens, compute_bytes
@@ -198,6 +199,7 @@ def estimate_for_config(
         2 if bf16 else 4,
         cfg.train.activation_checkpointing,
         "cuda" if gpu else device_type,
+        ema=cfg.optim.ema_decay > 0,
     )
 
 

@@ -144,10 +144,10 @@ def image_bounds(cfg: Config) -> ImageGeometry:
     return ImageGeometry(d.vae_max_size, d.vae_min_size, d.vit_max_size, d.vit_min_size, d.max_pixels)
 
 
-def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> list[Prefetcher]:
+def stream_spec(cfg: Config, mcfg: BagelConfig, tokenizer) -> StreamSpec:
+    """How the config's records become packs for this model and tokenizer (shared by every stream)."""
     d = cfg.data
-    tables = [RecordTable(s.path, s.subsets) for s in d.sources]
-    spec = StreamSpec(
+    return StreamSpec(
         encode=tokenizer.encode,
         special=SpecialTokens.from_tokenizer(tokenizer),
         images=PlanGeometry.from_bounds(image_bounds(cfg), mcfg.latent_downsample, mcfg.vit.patch_size),
@@ -161,6 +161,12 @@ def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> li
         prefer_buffer_before=d.prefer_buffer_before,
         max_buffer_size=d.max_buffer_size,
     )
+
+
+def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> list[Prefetcher]:
+    d = cfg.data
+    tables = [RecordTable(s.path, s.subsets) for s in d.sources]
+    spec = stream_spec(cfg, mcfg, tokenizer)
     accum, num_streams = cfg.train.grad_accum, env.world_size * cfg.train.grad_accum
     weights = [s.weight for s in d.sources]
     return [
@@ -200,16 +206,31 @@ class Trainer:
         self.estimate = estimate_for_config(cfg, self.mcfg, env.world_size, env.device.type)
         check_fit(self.estimate, cfg, env.device)  # refuses to start when it cannot fit
 
-        self.dtype = compute_dtype(cfg, env)
         base = build_model(cfg)
-        base.set_attn_backend(attention_backend(cfg, env))
-        self.vae = base.vae
-        if cfg.model.init == "random" and env.is_main and self.vae is not None:  # exports need this VAE
+        if cfg.model.init == "random" and env.is_main and base.vae is not None:  # exports need this VAE
             from safetensors.torch import save_file
 
             from training.export import RANDOM_INIT_AE
 
-            save_file({k: v.contiguous() for k, v in self.vae.state_dict().items()}, str(self.run_dir / RANDOM_INIT_AE))
+            save_file({k: v.contiguous() for k, v in base.vae.state_dict().items()}, str(self.run_dir / RANDOM_INIT_AE))
+        self.prepare(base)
+        self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
+        self.log = MetricsLogger(
+            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg)
+        )
+        self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
+        self._resume()
+        return self
+
+    def prepare(self, base: Bagel) -> Trainer:
+        """Make `base` trainable as configured: attention backend, freezing / LoRA / checkpointing / sharding
+        (training.parallelize), optimizer, schedule, EMA. `setup` calls it with the configured model; after it,
+        `train_step` runs (benchmarks/gpu_check.py calls it with a model of its own and feeds packs itself)."""
+        cfg, env = self.cfg, self.env
+        self.mcfg = base.config
+        self.dtype = compute_dtype(cfg, env)
+        base.set_attn_backend(attention_backend(cfg, env))
+        self.vae = base.vae
         self.model = prepare_model(base, cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)  # on the torch AdamW
@@ -223,12 +244,6 @@ class Trainer:
                 )
             self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, cfg, self.dtype)
         self.ema = EMA(self._module(), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
-        self.log = MetricsLogger(
-            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg)
-        )
-        self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
-        self._resume()
         return self
 
     def _module(self):
