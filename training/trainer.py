@@ -224,24 +224,27 @@ class Trainer:
             self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, cfg, self.dtype)
         self.ema = EMA(self._module(), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
+        resumed = self._resume()
         self.log = MetricsLogger(
-            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg)
+            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg), self.state.step
         )
+        if resumed is not None:
+            self.log.message(f"resumed from {resumed} at step {self.state.step}")
         self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
-        self._resume()
         return self
 
     def _module(self):
         """The model whose parameters are trained (DeepSpeed wraps it)."""
         return self.engine.module if self.engine is not None else self.model
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """Load the checkpoint `run.resume` names (auto: the latest complete one); returns its path, if any."""
         cfg = self.cfg
         if cfg.run.resume == "never":
-            return
+            return None
         path = ckpt.latest_checkpoint(self.ckpt_root) if cfg.run.resume == "auto" else Path(cfg.run.resume)
         if path is None:
-            return
+            return None
         if not (path / ckpt.COMPLETE).is_file():
             raise ConfigError(f"run.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
         extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema, self.env, self.engine)
@@ -249,7 +252,7 @@ class Trainer:
         self.state = TrainState(extra["step"], extra["nonfinite_total"], extra["nonfinite_in_a_row"], extra["data"])
         for prefetcher, data_state in zip(self.streams, extra["data"], strict=True):
             prefetcher.stream.load_state_dict(data_state)
-        self.log.message(f"resumed from {path} at step {self.state.step}")
+        return path
 
     # ---- one step -------------------------------------------------------------------------------------
     def _autocast(self):
