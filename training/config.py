@@ -158,7 +158,7 @@ class TrainConfig:
         ("auto", "sdpa", "flex", "flash"),
     )
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward (saves activations)")
-    log_every: int = _f(10, "console/TensorBoard/W&B log interval in steps (metrics.jsonl gets every step)")
+    log_every: int = _f(10, "console log interval in steps (metrics.jsonl, TensorBoard and W&B get every step)")
     save_every: int = _f(1000, "checkpoint interval in steps (and always at the last step)")
     keep_last: int = _f(3, "complete checkpoints kept (older ones deleted)")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses/grad norms in a row (each one is skipped)")

@@ -215,11 +215,13 @@ class Trainer:
             save_file({k: v.contiguous() for k, v in base.vae.state_dict().items()}, str(self.run_dir / RANDOM_INIT_AE))
         self.prepare(base)
         self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
+        resumed = self._resume()  # before the logger: it continues the run's event files / W&B run at this step
         self.log = MetricsLogger(
-            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg)
+            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg), self.state.step
         )
+        if resumed is not None:
+            self.log.message(f"resumed from {resumed} at step {self.state.step}")
         self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
-        self._resume()
         return self
 
     def prepare(self, base: Bagel) -> Trainer:
@@ -250,13 +252,14 @@ class Trainer:
         """The model whose parameters are trained (DeepSpeed wraps it)."""
         return self.engine.module if self.engine is not None else self.model
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """Load the checkpoint `run.resume` names (auto: the latest complete one); returns its path, if any."""
         cfg = self.cfg
         if cfg.run.resume == "never":
-            return
+            return None
         path = ckpt.latest_checkpoint(self.ckpt_root) if cfg.run.resume == "auto" else Path(cfg.run.resume)
         if path is None:
-            return
+            return None
         if not (path / ckpt.COMPLETE).is_file():
             raise ConfigError(f"run.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
         extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema, self.env, self.engine)
@@ -264,7 +267,7 @@ class Trainer:
         self.state = TrainState(extra["step"], extra["nonfinite_total"], extra["nonfinite_in_a_row"], extra["data"])
         for prefetcher, data_state in zip(self.streams, extra["data"], strict=True):
             prefetcher.stream.load_state_dict(data_state)
-        self.log.message(f"resumed from {path} at step {self.state.step}")
+        return path
 
     # ---- one step -------------------------------------------------------------------------------------
     def _autocast(self):
