@@ -20,7 +20,7 @@ from data_gen.shards import write_parquet
 from demo.base_tasks import TASKS, caption_record, explicit_graph, heldout_texts, make_records, t2i_record, text_record
 
 # the recipe's defaults: records per task (demo.base_model passes these on)
-DEFAULT_COUNTS = {"t2i": 12000, "caption": 3000, "text": 3000, "edit": 12000, "verdict": 6000, "chat": 4000}
+DEFAULT_COUNTS = {"t2i": 12000, "caption": 3000, "text": 3000, "edit": 24000, "verdict": 12000, "chat": 6000}
 
 
 def write_base_data(out: str | Path, counts: dict[str, int], canvas: int, seed: int = 1, per_file: int = 2000,

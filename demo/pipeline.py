@@ -223,8 +223,11 @@ def shapes_eval_run(
     subset: list[str] | None = None,
     progress: bool = True,
     generator=None,
+    prompts: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """An eval run directory (as `bagel-ft eval shapes` writes it; resumes image by image) -> its summary."""
+    """An eval run directory (as `bagel-ft eval shapes` writes it; resumes image by image) -> its summary.
+    `prompts`: prompt dicts to draw instead of ShapesEval's (`eval.shapes_eval.as_eval_prompts`, e.g. a
+    validation set); `limit` / `subset` select among them the same way."""
     from eval import shapes_eval
     from eval.generator import InferenceGenerator
     from eval.run_dir import prepare_run_dir
@@ -234,7 +237,7 @@ def shapes_eval_run(
               "argv": ["demo"], "created": _now()}  # fmt: skip
     prepare_run_dir(out, config)
     generator = generator or InferenceGenerator(str(ckpt), mode, config=inference)
-    prompts = shapes_eval.select_prompts(shapes_eval.load_prompts(), subset, limit)
+    prompts = shapes_eval.select_prompts(prompts or shapes_eval.load_prompts(), subset, limit)
     shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=seed, progress=progress)
     return shapes_eval.score_shapes(out, prompts, n=n, progress=False)
 

@@ -53,9 +53,14 @@ def load_prompts() -> list[dict[str, Any]]:
     """The fixed published prompt set as [{"index", "prompt", "category", "graph", "include", "exclude"}]."""
     from scene_graphs import shapes
 
+    return as_eval_prompts(shapes.shapes_eval_prompts())
+
+
+def as_eval_prompts(prompts) -> list[dict[str, Any]]:
+    """`ShapesPrompt`s (e.g. a validation set of generated prompts) as prompt dicts, indexed in order."""
     return [
         {"index": i, "prompt": p.text, "category": p.tag, "graph": p.graph, "include": p.include, "exclude": p.exclude}
-        for i, p in enumerate(shapes.shapes_eval_prompts())
+        for i, p in enumerate(prompts)
     ]
 
 
