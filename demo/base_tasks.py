@@ -9,8 +9,9 @@ context); the model's answers are supervised text or generated images:
   text     prompt | caption(loss)                                         the prompt's scene described
   edit     image(given) | instruction | image(loss)                       one edit (`scene_graphs.shapes.edits`)
   verdict  text | image(given) | "does the picture match the text?" | text(loss)
-                                                                          "consistent", or "inconsistent: "
-                                                                          + what is missing, extra or wrong
+                                                                          "the picture shows <scene>;
+                                                                          consistent", or "...; inconsistent:
+                                                                          <what is missing, extra or wrong>"
   chat     prompt | image(loss) | 1-3 x (instruction | image(loss)  or  "describe the picture" | caption(loss))
 
 Edits keep every object they do not name exactly where it was, in its color; `keep` edits (the copy
@@ -43,6 +44,7 @@ from scene_graphs.shapes.tasks import (
     heldout_texts,
     near_miss,
     true_pair,
+    verdict_answer,
 )
 
 SOURCE = "demo.base_data"
@@ -50,12 +52,13 @@ SOURCE = "demo.base_data"
 EDIT_MIX = {"keep": 0.15, "add": 0.2, "remove": 0.15, "recolor": 0.15, "resize": 0.1, "move": 0.125, "swap": 0.125}
 
 
-def verdict_text(image, text_graph: SceneGraph) -> str:
-    """The judge's verdict on `image` against `text_graph`, in the base's words (see module doc)."""
+def verdict_text(image, text_graph: SceneGraph, shown: SceneGraph) -> str:
+    """The answer to VERIFY for `image` (which shows `shown`) against `text_graph`: `verdict_answer` with the
+    judge's verdict and its analysis (`data_gen.backends.shapes.explain`, the PSIR critiques' words)."""
     from data_gen.backends.shapes import explain
 
     judgement = explain(check(image, text_graph), text_graph)
-    return CONSISTENT if judgement.consistent else f"{INCONSISTENT}: {judgement.analysis}"
+    return verdict_answer(shown, None if judgement.consistent else judgement.analysis)
 
 
 def pick_op(rng: random.Random, mix: dict[str, float] = EDIT_MIX) -> str:
@@ -103,7 +106,7 @@ def verdict_record(graph: SceneGraph, layout: Layout, rng: random.Random, seed: 
     pair = true_pair(graph, layout) if positive else near_miss(graph, layout, rng)
     if pair is None or pair.consistent != positive:
         return None
-    answer = verdict_text(pair.image, pair.text_graph)
+    answer = verdict_text(pair.image, pair.text_graph, pair.image_graph)
     turns = [Turn("image", image=0, loss=False), Turn("text", VERIFY, loss=False), Turn("text", answer)]
     meta = _meta("verdict", seed, text_graph=pair.text_graph.to_json(), mistake=pair.mistake, mode=pair.mode)
     label = CONSISTENT if positive else INCONSISTENT

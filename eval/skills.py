@@ -11,8 +11,9 @@ shows (`scene_graphs.shapes.tasks.heldout_scenes`; ShapesEval's fixed prompts fo
            passes the edited image against the scene asked for; per operation (`EDIT_OPS`), `--limit` each.
            Diagnostics apart from accuracy: `kept` = unchanged objects still found in their box (IoU >= 0.5,
            same shape and color), `relation` = relations of add / move edits that hold
-  verdict  text + image + "does the picture match the text?" -> "consistent" | "inconsistent: ...": balanced
-           accuracy (mean of the accuracies on true pairs and on near misses), `--limit` pairs of each
+  verdict  text + image + "does the picture match the text?" -> "the picture shows ...; consistent" |
+           "...; inconsistent: why" (`parse_verdict_answer`): balanced accuracy (mean of the accuracies on true
+           pairs and on near misses), `--limit` pairs of each
   caption  image + "describe the picture" -> text: the text parses (`parse_prompt`) to the shown scene exactly
            (objects, counts, colors, sizes, relations; up to object ids), `--limit` scenes
 
@@ -39,7 +40,16 @@ from scene_graphs.shapes.edits import EDIT_OPS, sample_edit
 from scene_graphs.shapes.judge import compatible
 from scene_graphs.shapes.parse import ParseError, parse_prompt
 from scene_graphs.shapes.render import draw_layout
-from scene_graphs.shapes.tasks import CONSISTENT, DESCRIBE, INCONSISTENT, VERIFY, heldout_scenes, near_miss, true_pair
+from scene_graphs.shapes.tasks import (
+    CONSISTENT,
+    DESCRIBE,
+    INCONSISTENT,
+    VERIFY,
+    heldout_scenes,
+    near_miss,
+    parse_verdict_answer,
+    true_pair,
+)
 
 SKILLS = ("t2i", "edit", "verdict", "caption")
 KEPT_IOU = 0.5
@@ -178,9 +188,8 @@ def _verdict(engine, out: Path, config: SkillsConfig, canvas: int) -> list[dict]
         def one(pair=pair) -> dict:
             text = describe(pair.text_graph)
             answer = _ask(engine, config, text, pair.image, VERIFY)
-            said = answer.split(":")[0].strip()
             return {"text": text, "label": pair.consistent, "mistake": pair.mistake, "mode": pair.mode,
-                    "answer": answer, "said": said if said in (CONSISTENT, INCONSISTENT) else None}  # fmt: skip
+                    "answer": answer, "said": parse_verdict_answer(answer)}  # fmt: skip
 
         rows.append(items.get(f"pair_{n}", one))
     return rows

@@ -31,6 +31,7 @@ from scene_graphs.shapes.tasks import (
     drawn_scene,
     heldout_texts,
     near_miss,
+    parse_verdict_answer,
     true_pair,
 )
 
@@ -91,7 +92,9 @@ def test_near_misses_fail_the_judge_and_true_pairs_pass():
         if pair is not None:
             kinds[pair.mistake] += 1
             assert not pair.consistent and not check(pair.image, pair.text_graph).consistent
-            assert verdict_text(pair.image, pair.text_graph).startswith(INCONSISTENT + ": ")
+            said = verdict_text(pair.image, pair.text_graph, pair.image_graph)
+            assert said.startswith(f"the picture shows {describe(pair.image_graph)}; {INCONSISTENT}: ")
+            assert parse_verdict_answer(said) == INCONSISTENT and check(pair.image, pair.image_graph).consistent
     assert set(kinds) == {"add", "remove", "recolor", "resize", "move", "swap"}, kinds
 
 
@@ -112,7 +115,9 @@ def test_records_are_valid_chats_with_loss_on_the_models_turns():
             assert labels[CONSISTENT] == labels[INCONSISTENT] == 12
             for r in records:
                 said = r.turns[-1].text
-                assert said == CONSISTENT if r.label == CONSISTENT else said.startswith(INCONSISTENT + ": ")
+                assert said.startswith("the picture shows ") and parse_verdict_answer(said) == r.label
+                if r.label == CONSISTENT:
+                    assert said == f"the picture shows {r.prompt}; {CONSISTENT}"
                 assert r.prompt == describe(SceneGraph.from_json(r.meta["text_graph"]))
         if task == "caption":
             for r in records:

@@ -11,13 +11,15 @@ read a scene, phrase a question and judge a near miss the same way:
   judge's (`judge.check`) on the exact render; a mistake the judge cannot see is not a near miss (None).
 * `heldout_scenes(n, canvas)`: the skills evaluation's scenes (prompt seed `HELDOUT_SEED`); training data skip
   every scene whose description is among them (`heldout_texts`).
-* `DESCRIBE` / `VERIFY`: the user's questions of the base's chats; `CONSISTENT` / `INCONSISTENT` the verdicts.
+* `DESCRIBE` / `VERIFY`: the user's questions of the base's chats; `CONSISTENT` / `INCONSISTENT` the verdicts,
+  answered as `verdict_answer` writes them (what the picture shows, then the verdict).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -57,13 +59,14 @@ class Pair:
     text_graph: SceneGraph  # the scene the text describes (`describe(text_graph)`)
     image: Image.Image
     consistent: bool
+    image_graph: SceneGraph | None = None  # the scene the picture shows (exact: it is a render)
     mistake: str = ""  # the edit that made a near miss ("" for a true pair)
     mode: str = ""  # "image": the picture is off; "text": the text is off
 
 
 def true_pair(graph: SceneGraph, layout: Layout) -> Pair:
     image = draw_layout(graph, layout)
-    return Pair(graph, image, check(image, graph).consistent)
+    return Pair(graph, image, check(image, graph).consistent, image_graph=graph)
 
 
 def near_miss(graph: SceneGraph, layout: Layout, rng: random.Random, mistake: str | None = None,
@@ -75,12 +78,28 @@ def near_miss(graph: SceneGraph, layout: Layout, rng: random.Random, mistake: st
         return None
     mode = mode or rng.choice(("image", "text"))
     if mode == "image":
-        text_graph, image = graph, draw_layout(edit.after, edit.after_layout)
+        text_graph, image_graph, image = graph, edit.after, draw_layout(edit.after, edit.after_layout)
     else:
-        text_graph, image = edit.after, draw_layout(graph, layout)
+        text_graph, image_graph, image = edit.after, graph, draw_layout(graph, layout)
     if check(image, text_graph).consistent:
         return None
-    return Pair(text_graph, image, False, mistake, mode)
+    return Pair(text_graph, image, False, image_graph, mistake, mode)
+
+
+def verdict_answer(shown: SceneGraph, analysis: str | None) -> str:
+    """The base's answer to VERIFY: what the picture shows, then the verdict (and, when inconsistent, why):
+    "the picture shows a red circle; consistent" / "the picture shows ...; inconsistent: The circle is red, not
+    blue." Describing first turns the comparison into one of two texts, which a small model learns far sooner
+    than a bare yes / no (docs/results.md, "Unified base")."""
+    head = f"the picture shows {describe(shown)}; "
+    return head + (CONSISTENT if analysis is None else f"{INCONSISTENT}: {analysis}")
+
+
+def parse_verdict_answer(text: str) -> str | None:
+    """CONSISTENT / INCONSISTENT from a `verdict_answer`-style text (the first verdict word after a ';', or
+    a bare verdict), else None."""
+    m = re.search(rf"(?:^|;)\s*({INCONSISTENT}|{CONSISTENT})\b", text)
+    return m.group(1) if m else None
 
 
 def heldout_scenes(n: int, canvas: int) -> list[tuple[ShapesPrompt, SceneGraph, Layout]]:
