@@ -55,7 +55,11 @@ def checkpoint_path(cfg: Config) -> Path:
 
 def model_config(cfg: Config) -> BagelConfig:
     """The architecture trained: model.path's config files (or model.preset), model.timestep_shift applied."""
-    mcfg = BagelConfig.preset(cfg.model.preset) if cfg.model.init == "random" else BagelConfig.from_dir(checkpoint_path(cfg))
+    mcfg = (
+        BagelConfig.preset(cfg.model.preset)
+        if cfg.model.init == "random"
+        else BagelConfig.from_dir(checkpoint_path(cfg))
+    )
     if cfg.model.timestep_shift is not None:
         mcfg.arch.timestep_shift = cfg.model.timestep_shift
     return mcfg
