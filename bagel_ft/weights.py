@@ -5,9 +5,9 @@ A state dict lives in one file `STEM.safetensors`, or in shards `STEM-00001-of-0
 Hugging Face layout that accelerate's `load_checkpoint_and_dispatch` and transformers read).
 
 Reading never loads a whole file: `WeightFiles` parses the headers only (names, shapes, dtypes), and
-`read(key, index)` opens the file, copies just the requested slice (safetensors `get_slice` on a memory map)
-and closes it again, so a process holds one tensor, or one rank's slice of it, at a time, and the mapped pages
-are released with the file.
+`read(key, index)` returns one tensor, or just `tensor[index]`, as safetensors hands it out: a view of its memory
+map of the file, so bytes are read from disk only where they are used (copied into a rank's shard, cast) and
+the mapping lives as long as the tensor. A process thus holds what it keeps, never a whole state dict.
 
 Writing streams: `write_weights` plans the files from the tensors' shapes and dtypes, writes each header
 first, then appends each tensor's bytes as it arrives from an iterator, so the writer never holds more than the
@@ -136,7 +136,7 @@ class WeightFiles:
         return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
 
     def read(self, name: str, index: tuple[slice, ...] | None = None) -> Tensor:
-        """Tensor `name` (in its file dtype), or just `tensor[index]`, read without loading anything else."""
+        """Tensor `name` (in its file dtype), or just `tensor[index]`, backed by the memory-mapped file."""
         from safetensors import safe_open
 
         file = self.file_of[name]
