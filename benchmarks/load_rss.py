@@ -185,6 +185,16 @@ def sizes() -> tuple[int, int, int]:
     return sum(p.numel() for p in params), max(p.numel() for p in params), sum(p.numel() for p in vae.parameters())
 
 
+def estimate(ckpt: Path, mode: str, world: int, dtype: str):
+    """`bagel-ft train --dry-run`'s host RAM estimate for this run (replicated: the formula of sharding 'none')."""
+    from training.config import load_config
+    from training.memory import host_estimate
+
+    cfg = load_config(None, train_overrides(ckpt, ckpt) + ([] if mode == "sharded" else ["train.sharding=none"]))
+    f = 2 if dtype == "bfloat16" else 4  # the export's dtype is the file's too (export.dtype auto)
+    return host_estimate(cfg, bench_config(), world, "cpu", f, f)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world", type=int, nargs="+", default=[2, 4], help="ranks per run")
@@ -228,8 +238,11 @@ def main() -> None:
         f"Bagel {params / 1e9:.3f}B parameters ({4 * params / GiB:.2f} GiB fp32; file {args.dtype} {file_gib:.2f} "
         f"GiB), largest tensor {4 * largest / GiB:.3f} GiB fp32, VAE {4 * vae / GiB:.3f} GiB; code: {code}\n"
     )
-    print("| mode | ranks | RSS before load (GiB) | peak RSS per rank (GiB), max | peak − before | goal | load (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| mode | ranks | RSS before load (GiB) | peak RSS per rank (GiB), max | peak − before | dry-run estimate "
+        "| goal | load (s) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes:
         for world in args.world:
             rows = measure(mode, world, ckpt, work / f"run-{mode}-{world}", code)
@@ -239,7 +252,7 @@ def main() -> None:
             seconds = max(r["seconds"] for r in rows)
             print(
                 f"| {mode} | {world} | {before / GiB:.2f} | {peak / GiB:.2f} | {(peak - before) / GiB:.2f} | "
-                f"{goal / GiB:.2f} | {seconds:.1f} |"
+                f"{estimate(ckpt, mode, world, args.dtype).loading / GiB:.2f} | {goal / GiB:.2f} | {seconds:.1f} |"
             )
     if args.no_export:
         return
@@ -250,7 +263,8 @@ def main() -> None:
     before = row["rss_before"]
     print(
         f"| export (one process) | 1 | {before / GiB:.2f} | {row['peak'] / GiB:.2f} | "
-        f"{(row['peak'] - before) / GiB:.2f} | {(2 * 4 * largest + before) / GiB:.2f} | {row['seconds']:.1f} |"
+        f"{(row['peak'] - before) / GiB:.2f} | {estimate(ckpt, 'sharded', 1, args.dtype).export / GiB:.2f} | "
+        f"{(2 * 4 * largest + before) / GiB:.2f} | {row['seconds']:.1f} |"
     )
 
 

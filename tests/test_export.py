@@ -101,9 +101,9 @@ def test_export_is_a_drop_in_replacement_of_the_release(release, finetuned, tmp_
     # every file of the release but its weights, byte-identical; ours added: the manifest and the image bounds
     # the run trained with (tiny_cpu.yaml's, not the release's defaults)
     assert set(out) == set(src) | {MANIFEST, "image_geometry.json"}
-    for name, data in src.items():
+    for name, content in src.items():
         if name != "ema.safetensors":
-            assert out[name] == data, f"{name} differs from the release"
+            assert out[name] == content, f"{name} differs from the release"
 
     # the weights: the EMA, in the release's dtype
     assert _header_dtypes(export / "ema.safetensors") == {"BF16"}

@@ -199,8 +199,10 @@ def test_mixed_packs_differ_between_ranks(data):
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_deepspeed_zero2_two_processes_match_single_process(data, single_mixed, tmp_path):
-    assert_match(single_mixed, torchrun(data, tmp_path, "train.sharding=zero2", *MIXED))
+def test_deepspeed_zero2_two_processes_match_single_process(data, single_mixed, pretrained, tmp_path):
+    """From the pretrained directory (= single_mixed's random init): every rank loads it whole, DeepSpeed shards."""
+    from_dir = ["model.init=pretrained", f"model.path={pretrained}", "model.tokenizer="]
+    assert_match(single_mixed, torchrun(data, tmp_path, "train.sharding=zero2", *MIXED, *from_dir))
 
 
 @pytest.mark.slow

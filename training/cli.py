@@ -90,6 +90,7 @@ def dry_run(cfg, world: int) -> int:
         f"{cfg.train.activation_checkpointing}, tokens/pack={cfg.data.max_num_tokens}, device={'cuda' if gpu else 'cpu'}"
     )
     print(est.table(f"per-device memory estimate ({where})"))
+    print(host_table(cfg, mcfg, world, "cuda" if gpu else "cpu"))
     try:
         check_fit(est, cfg, torch.device("cuda" if gpu else "cpu"))
     except MemoryFitError as e:
@@ -98,6 +99,28 @@ def dry_run(cfg, world: int) -> int:
     if gpu and cfg.train.gpu_memory_gb > 0:
         print(f"fits: {est.total / GiB:.1f} GiB <= 90% of {cfg.train.gpu_memory_gb:.0f} GiB")
     return 0
+
+
+def host_table(cfg, mcfg, world: int, device_type: str) -> str:
+    """The host RAM table; the checkpoint's dtype from its file headers when model.path has weights (else bf16)."""
+    import torch
+
+    from bagel_ft.checkpoint import CheckpointError, model_weights
+    from training.export import EXPORT_DTYPES
+    from training.memory import host_estimate
+
+    file_bytes, source = (2, "bf16 assumed") if cfg.model.init == "pretrained" else (4, "none: model.init=random")
+    if cfg.model.init == "pretrained":
+        try:
+            dtype = model_weights(cfg.model.path).dtype()
+            file_bytes, source = dtype.itemsize, f"{str(dtype).removeprefix('torch.')} ({cfg.model.path})"
+        except CheckpointError:
+            pass
+    auto = torch.float32 if cfg.model.init == "random" else None
+    export = EXPORT_DTYPES.get(cfg.export.dtype) or auto
+    export_bytes = export.itemsize if export else file_bytes
+    host = host_estimate(cfg, mcfg, world, device_type, file_bytes, export_bytes)
+    return host.table(f"host RAM per rank (checkpoint file {source}, export {export_bytes} bytes per weight)")
 
 
 def main(argv: list[str] | None = None) -> int:

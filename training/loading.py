@@ -7,8 +7,11 @@
                                (`WeightFiles.read(key, index)`), one tensor at a time, straight into the shard.
                                Host memory per rank: one slice (+ its shards when training on CPU).
   pretrained, none / zero2     every rank holds every weight anyway: `Bagel.from_pretrained` onto the rank's
-  / zero3                      device, one tensor at a time (host memory: one tensor). DeepSpeed then
-                               partitions it (zero3: weights too).
+  / zero3                      device, one tensor at a time (host memory: one tensor), in bf16 for a DeepSpeed
+                               bf16 run (DeepSpeed casts the module to bf16 and keeps fp32 masters of those
+                               values anyway: the same numbers, half the memory). ZeRO-3 then partitions it;
+                               each GPU holds a whole bf16 copy until then (29 GB at 7B; `deepspeed.zero.Init`
+                               would avoid it, not done).
 
 A full state dict is never read: the official trainer's users run out of host memory when 8 ranks each load
 the 29 GB release (bf16) and cast it to float32. `benchmarks/load_rss.py` measures the per-rank peak.
@@ -70,17 +73,18 @@ def sharded_loading(cfg: Config) -> bool:
     return cfg.model.init == "pretrained" and cfg.train.sharding == "fsdp"
 
 
-def build_model(cfg: Config, device: torch.device) -> Bagel:
-    """The model to train with its VAE attached (see the module doc for where the weights come from)."""
+def build_model(cfg: Config, device: torch.device, dtype: torch.dtype = torch.float32) -> Bagel:
+    """The model to train with its VAE attached (see the module doc for where the weights come from); `dtype`:
+    the weights' dtype when every rank loads all of them (FSDP shards and random init are float32)."""
     mcfg = model_config(cfg)
     if cfg.model.init == "random":
         torch.manual_seed(cfg.run.seed)  # identical weights on every rank
         return Bagel(mcfg).attach_vae(AutoEncoder(mcfg.vae))
     path = checkpoint_path(cfg)
     if not sharded_loading(cfg):
-        model = Bagel.from_pretrained(path, device=device)
+        model = Bagel.from_pretrained(path, dtype=dtype, device=device, load_vae=False)
         model.config.arch.timestep_shift = mcfg.arch.timestep_shift
-        return model
+        return model.attach_vae(load_autoencoder(path / AE_FILE, mcfg, device=device))  # float32, never trained
     with torch.device("meta"):
         model = Bagel(mcfg)
     weights = model_weights(path)

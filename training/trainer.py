@@ -173,7 +173,9 @@ class Trainer:
         check_fit(self.estimate, cfg, env.device)  # refuses to start when it cannot fit
 
         self.dtype = compute_dtype(cfg, env)
-        base = build_model(cfg, env.device)  # FSDP + pretrained: a meta skeleton, filled after sharding
+        # FSDP + pretrained: a meta skeleton, filled after sharding; DeepSpeed bf16: loaded in bf16 (it casts anyway)
+        deepspeed_bf16 = cfg.train.sharding in DEEPSPEED_STAGES and self.dtype == torch.bfloat16
+        base = build_model(cfg, env.device, torch.bfloat16 if deepspeed_bf16 else torch.float32)
         base.set_attn_backend(attention_backend(cfg, env))
         self.vae = base.vae
         if cfg.model.init == "random" and env.is_main and self.vae is not None:  # exports need this VAE
