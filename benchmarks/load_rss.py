@@ -185,14 +185,17 @@ def sizes() -> tuple[int, int, int]:
     return sum(p.numel() for p in params), max(p.numel() for p in params), sum(p.numel() for p in vae.parameters())
 
 
-def estimate(ckpt: Path, mode: str, world: int, dtype: str):
-    """`bagel-ft train --dry-run`'s host RAM estimate for this run (replicated: the formula of sharding 'none')."""
+def estimated(ckpt: Path, mode: str, world: int, dtype: str, code: Path, what: str) -> str:
+    """`bagel-ft train --dry-run`'s host RAM estimate (GiB) of this row (replicated: sharding 'none''s formula),
+    for this checkout's code only."""
+    if code != ROOT:
+        return "-"
     from training.config import load_config
     from training.memory import host_estimate
 
     cfg = load_config(None, train_overrides(ckpt, ckpt) + ([] if mode == "sharded" else ["train.sharding=none"]))
     f = 2 if dtype == "bfloat16" else 4  # the export's dtype is the file's too (export.dtype auto)
-    return host_estimate(cfg, bench_config(), world, "cpu", f, f)
+    return f"{getattr(host_estimate(cfg, bench_config(), world, 'cpu', f, f), what) / GiB:.2f}"
 
 
 def main() -> None:
@@ -252,7 +255,7 @@ def main() -> None:
             seconds = max(r["seconds"] for r in rows)
             print(
                 f"| {mode} | {world} | {before / GiB:.2f} | {peak / GiB:.2f} | {(peak - before) / GiB:.2f} | "
-                f"{estimate(ckpt, mode, world, args.dtype).loading / GiB:.2f} | {goal / GiB:.2f} | {seconds:.1f} |"
+                f"{estimated(ckpt, mode, world, args.dtype, code, 'loading')} | {goal / GiB:.2f} | {seconds:.1f} |"
             )
     if args.no_export:
         return
@@ -263,7 +266,7 @@ def main() -> None:
     before = row["rss_before"]
     print(
         f"| export (one process) | 1 | {before / GiB:.2f} | {row['peak'] / GiB:.2f} | "
-        f"{(row['peak'] - before) / GiB:.2f} | {estimate(ckpt, 'sharded', 1, args.dtype).export / GiB:.2f} | "
+        f"{(row['peak'] - before) / GiB:.2f} | {estimated(ckpt, 'sharded', 1, args.dtype, code, 'export')} | "
         f"{(2 * 4 * largest + before) / GiB:.2f} | {row['seconds']:.1f} |"
     )
 
