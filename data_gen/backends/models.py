@@ -66,10 +66,12 @@ def loaded_model(ckpt: str, device: str = "auto", dtype: str = "auto") -> Any:
 
 def checkpoint_id(ckpt: str, settings: dict[str, Any]) -> str:
     """Names a checkpoint's outputs in cache keys: its directory, weights file (size, mtime) and `settings`."""
-    from bagel_ft.checkpoint import MODEL_FILES
+    from bagel_ft.checkpoint import MODEL_STEMS
+    from bagel_ft.weights import INDEX_SUFFIX
 
     path = Path(ckpt).resolve()
-    weights = next((path / f for f in MODEL_FILES if (path / f).is_file()), None)
+    names = [f"{stem}{suffix}" for stem in MODEL_STEMS for suffix in (".safetensors", INDEX_SUFFIX)]
+    weights = next((path / f for f in names if (path / f).is_file()), None)  # a sharded model: its index
     stamp = f"{weights.name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights else "no-weights"
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{path}@{stamp}#{digest}"
