@@ -166,6 +166,15 @@ def _skills(args, out: Path) -> int:
     if unknown:
         raise SystemExit(f"bagel-ft eval skills: --subset {','.join(unknown)}: expected some of {','.join(SKILLS)}")
     config = SkillsConfig(skills=skills, seed=args.seed or 0)
+    if args.inference_config:  # options.flow of an inference YAML sets how every skill draws
+        flow = (yaml.safe_load(Path(args.inference_config).read_text()) or {}).get("options", {}).get("flow", {})
+        fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
+        unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
+        if unknown:
+            raise SystemExit(f"{args.inference_config}: options.flow: {unknown} unknown to eval skills; expected {fields}")
+        for key in fields:
+            if key in flow:
+                setattr(config, key, tuple(flow[key]) if key == "cfg_interval" else flow[key])
     if args.limit is not None:
         if args.limit < 1:
             raise SystemExit(f"bagel-ft eval skills: --limit must be >= 1, got {args.limit}")

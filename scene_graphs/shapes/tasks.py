@@ -29,7 +29,7 @@ from scene_graphs.describe import describe
 from scene_graphs.schema import SceneGraph
 from scene_graphs.shapes.edits import sample_edit
 from scene_graphs.shapes.judge import check
-from scene_graphs.shapes.layout import Layout
+from scene_graphs.shapes.layout import Layout, LayoutError
 from scene_graphs.shapes.prompts import ShapesPrompt, generate_prompts
 from scene_graphs.shapes.render import draw_layout, render
 
@@ -103,10 +103,14 @@ def parse_verdict_answer(text: str) -> str | None:
 
 
 def heldout_scenes(n: int, canvas: int) -> list[tuple[ShapesPrompt, SceneGraph, Layout]]:
-    """The skills evaluation's scenes: prompts of seed HELDOUT_SEED, render seed = index."""
+    """The skills evaluation's scenes: prompts of seed HELDOUT_SEED, render seed = index (scenes that do not lay
+    out on `canvas` are left out)."""
     out = []
     for i, p in enumerate(generate_prompts(n, HELDOUT_SEED)):
-        graph, layout = drawn_scene(p, canvas, seed=i)
+        try:
+            graph, layout = drawn_scene(p, canvas, seed=i)
+        except LayoutError:  # too crowded for a small canvas
+            continue
         out.append((p, graph, layout))
     return out
 
