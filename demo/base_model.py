@@ -58,7 +58,9 @@ class FlowDefaults:
 
     num_timesteps: int = 26  # schedule points incl. t = 0: 25 Euler steps
     timestep_shift: float = 1.0
-    cfg_text_scale: float = 4.0
+    # no guidance: text CFG 4 turns the unified base's edits (and so every PSIR draft after the first) into
+    # fragmented textures, and single-pass images are no better with it (docs/results.md, "Unified base")
+    cfg_text_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
 
 
