@@ -61,8 +61,10 @@ class SkillsConfig:
     seed: int = 0  # flow noise and scene sampling
     num_timesteps: int = 26  # flow schedule points (25 Euler steps), as the shapes base draws
     timestep_shift: float = 1.0
-    cfg_text_scale: float = 4.0
-    cfg_img_scale: float = 2.0  # edits: guidance against the instruction alone (the release's 2.0)
+    # no guidance by default: the shapes base's edits come out as fragmented textures under the release's
+    # editing CFG (text 4, image 2); `--inference-config` sets these for other models
+    cfg_text_scale: float = 1.0
+    cfg_img_scale: float = 1.0  # edits: guidance against the instruction alone (the release uses 2.0)
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     max_text_tokens: int = 64
     skills: list[str] = field(default_factory=lambda: list(SKILLS))
