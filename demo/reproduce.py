@@ -17,7 +17,7 @@ Arms (from the same base, configs/train/demo_psir.yaml, the same steps and packi
   psir_sketch  the ablation: the trajectories without their inspect turns but the closing one (the stop
                signal), i.e. plan + incremental sketches with no inspect / refine in between
 With `--replay R`, a share R of every arm's mixture is base records (`demo.base_data`, the unified mixture's
-tasks and weights, seed REPLAY_SEED), the same for every arm.
+tasks and weights, `demo.pipeline.write_replay`), the same for every arm.
 
 Eval: the first `--eval-limit` prompts of every category (40 = all of ShapesEval), one sample each, eval seed =
 the arm's seed; the base and the single arm in single mode, the PSIR arms in psir mode and (cost-matched) in
@@ -58,6 +58,8 @@ from demo.pipeline import (
     train_config,
     training_prompts,
     training_summary,
+    with_replay,
+    write_replay,
 )
 from eval.run_dir import read_jsonl
 
@@ -77,8 +79,6 @@ ARMS = {  # arm -> (training sources relative to OUT, eval modes)
 }
 CRITIQUE_SEED = 1  # data_gen run seed of the critique prompts (disjoint from the training prompts by filtering)
 VALIDATION_SEED = 20261206  # prompt seed of the validation set (fine-tune settings are chosen on it)
-REPLAY_SEED = 101  # demo.base_data seed of the replayed base records (not the base's own seed 1)
-REPLAY_RECORDS = 4000  # replayed base records in all, split over the unified mixture's tasks by weight
 EVAL_SETS = ("shapes", "validation")
 
 
@@ -147,14 +147,7 @@ class Repro:
 
     def sources(self, arm: str) -> list[dict]:
         """The arm's training sources, with the base-record replay (`replay` of the mixture) when asked."""
-        own = ARMS[arm][0]
-        if self.s.replay <= 0:
-            return own
-        tasks = replay_tasks()
-        total = sum(tasks.values())
-        return [{**src, "weight": src["weight"] * (1 - self.s.replay)} for src in own] + [
-            {"path": f"data/replay/{task}", "weight": self.s.replay * w / total} for task, w in tasks.items()
-        ]
+        return with_replay(ARMS[arm][0], self.s.replay)
 
 
 # ---- phases ------------------------------------------------------------------------------------------------
@@ -170,25 +163,6 @@ def phase_data(r: Repro) -> dict[str, Any]:
     if r.s.replay > 0:
         out["replay"] = write_replay(r.root / "data" / "replay", r.canvas)
     return {"records": out, "prompts": len(train)}
-
-
-def replay_tasks() -> dict[str, float]:
-    """task -> weight of the base's unified mixture (configs/train/shapes_unified.yaml): what replay draws from."""
-    from demo.base_model import UNIFIED_CONFIG
-    from training.config import load_config
-
-    return {Path(s.path).name: s.weight for s in load_config(UNIFIED_CONFIG).data.sources}
-
-
-def write_replay(out: Path, canvas: int) -> int:
-    """REPLAY_RECORDS base records (`demo.base_data`, seed REPLAY_SEED), split over the tasks by weight."""
-    from demo.base_data import write_base_data
-
-    tasks = replay_tasks()
-    total = sum(tasks.values())
-    counts = {task: max(1, round(REPLAY_RECORDS * w / total)) for task, w in tasks.items()}
-    write_base_data(out, counts, canvas, seed=REPLAY_SEED, log=lambda *_: None)
-    return sum(counts.values())
 
 
 def write_sketches(trajectories: Path, out: Path) -> int:
