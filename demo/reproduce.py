@@ -4,8 +4,10 @@ pack size (tokens per step), then score every arm on the same ShapesEval prompts
     python -m demo.reproduce --out runs/repro                  # all 400 ShapesEval prompts, seeds 0 and 1
     python -m demo.reproduce --out runs/repro-val --eval-set validation --arms single,psir --seeds 0 \
         --eval-limit 5 --set optim.lr=2e-4 --replay 0.3        # one point of the settings search (never ShapesEval)
+    python -m demo.reproduce --out runs/repro-s0 --seeds 0 & python -m demo.reproduce --out runs/repro-s1 --seeds 1
+    python -m demo.reproduce --out runs/repro --merge runs/repro-s0,runs/repro-s1   # one table (2 cores, 2 runs)
     python -m demo.reproduce --out /tmp/repro-smoke --base /tmp/base --prompts 16 --steps 4 --eval-limit 1 \
-        --seeds 0 --critique-prompts 4                          # plumbing only, a few minutes
+        --seeds 0 --critique-prompts 4 --critiques drafter      # plumbing only, a few minutes
 
 Arms (from the same base, configs/train/demo_psir.yaml, the same steps and packing, `run.seed` = seed):
   single       `t2i` records: each trajectory prompt -> that trajectory's final image (nothing else)
@@ -478,6 +480,35 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_runs(outs: list[str | Path], dest: str | Path) -> dict[str, Any]:
+    """One table from reproductions run in parallel, one seed each (same settings but `seeds`): every arm and
+    eval of seed s is read from the run that has it; writes dest/results.json and dest/results.md."""
+    roots = [Path(o) for o in outs]
+    settings = [json.loads(Layout(r).settings.read_text()) for r in roots]
+    same = [{k: v for k, v in s.items() if k != "seeds"} for s in settings]
+    if any(x != same[0] for x in same[1:]):
+        diff = sorted({k for x in same[1:] for k in x if x[k] != same[0].get(k)})
+        raise DemoError(f"merge: the runs differ in {diff}; only their seeds may differ")
+    owner = {seed: root for root, st in zip(roots, settings, strict=True) for seed in st["seeds"]}
+    fields = {f.name for f in dataclasses.fields(ReproSettings)}
+    merged = ReproSettings(**{k: v for k, v in same[0].items() if k in fields}, seeds=sorted(owner), out=dest)
+
+    class Merged(Repro):
+        def arm_dir(self, arm: str, seed: int) -> Path:
+            return owner[seed] / "arms" / f"{arm}-s{seed}"
+
+        def eval_dir(self, arm: str, seed: int, mode: str) -> Path:
+            return owner[seed] / "eval" / f"{arm}-s{seed}-{mode}"
+
+    results = collect(Merged(merged))
+    results["runs"] = {str(seed): str(root) for seed, root in owner.items()}
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (dest / "results.md").write_text(markdown(results))
+    return results
+
+
 # ---- entry point ------------------------------------------------------------------------------------------
 def run_reproduction(s: ReproSettings, until: str | None = None, redo: str | None = None, log=print) -> list[str]:
     import torch
@@ -512,10 +543,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="score on ShapesEval, or on generated validation prompts (to choose settings)")  # fmt: skip
     ap.add_argument("--replay", type=float, default=d.replay, help="share of base records in every arm (%(default)s)")
     ap.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (%(default)s)")
+    ap.add_argument("--merge", default=None, metavar="OUT1,OUT2,...",
+                    help="write --out/results.md from runs made in parallel, one seed each (no training)")  # fmt: skip
     ap.add_argument("--until", default=None, help="stop after this phase")
     ap.add_argument("--redo", default=None, help="redo this phase and every later one")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    if a.merge:
+        try:
+            print(markdown(merge_runs(a.merge.split(","), a.out)))
+        except DemoError as e:
+            print(f"demo.reproduce: {e}", file=sys.stderr)
+            return 1
+        return 0
     s = ReproSettings(out=a.out, base=a.base, train_config=a.config, train_overrides=list(a.set), steps=a.steps,
                       prompts=a.prompts, critique_prompts=a.critique_prompts, critiques=a.critiques,
                       seeds=[int(x) for x in a.seeds.split(",")], arms=a.arms.split(","),

@@ -103,3 +103,39 @@ def test_table_reports_mean_and_half_range_over_seeds():
     assert "3.50 | 88 | 1,000, 1,200 |" in table
     assert "| psir | 25% | 0% | 50% | 50% |" in table  # where the PSIR streams go wrong
     json.dumps(row)  # results.json stays serialisable
+
+
+def test_runs_of_one_seed_each_merge_into_one_table(tmp_path):
+    from demo.pipeline import DemoError, Layout
+    from demo.reproduce import merge_runs
+
+    def run(root, seed: int, steps: int = 800) -> None:
+        settings = ReproSettings(out="", seeds=[seed], arms=["single"], steps=steps).identity()
+        root.mkdir(parents=True)
+        Layout(root).settings.write_text(json.dumps(settings))
+        for arm in ("base", "single"):
+            ev = root / "eval" / f"{arm}-s{seed}-single"
+            ev.mkdir(parents=True)
+            right = seed if arm == "single" else 0  # the single arm gets `seed` of its 2 prompts right
+            recs = [{"key": f"{i:05d}_00", "category": "colors", "correct": i < right} for i in range(2)]
+            (ev / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            summary = {"overall": right / 2, "categories": {"colors": {"score": right / 2}}, "subscores": {},
+                       "cost_per_sample": {"images": 1.0, "flow_steps": 25.0}}  # fmt: skip
+            (ev / "summary.json").write_text(json.dumps(summary))
+        arm_dir = root / "arms" / f"single-s{seed}"
+        arm_dir.mkdir(parents=True)
+        metrics = {"step": 1, "tokens": 100 + seed, "ce_tokens": 1, "mse_tokens": 1, "ce": 1.0, "mse": 1.0,
+                   "step_time_s": 1.0}  # fmt: skip
+        (arm_dir / "metrics.jsonl").write_text(json.dumps(metrics) + "\n")
+
+    run(tmp_path / "s0", 0)
+    run(tmp_path / "s1", 1)
+    results = merge_runs([tmp_path / "s0", tmp_path / "s1"], tmp_path / "merged")
+    rows = {(r["arm"], r["mode"]): r for r in results["rows"]}
+    assert rows[("single", "single")]["seeds"] == [0, 1]
+    assert rows[("single", "single")]["scores"]["overall"]["values"] == [0.0, 0.5]
+    assert "| single | single | 25.0 [" in (tmp_path / "merged" / "results.md").read_text()
+    assert "100, 101" in (tmp_path / "merged" / "results.md").read_text()  # each seed's own training run
+    run(tmp_path / "other", 2, steps=400)
+    with pytest.raises(DemoError, match="steps"):
+        merge_runs([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
