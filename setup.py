@@ -5,13 +5,16 @@ requirement below is a range the installed build satisfies, so no CUDA wheels ar
 GPU machines: install the CUDA torch build of your choice, then `pip install -e ".[gpu]"`.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
-PACKAGES = ["bagel_ft", "scene_graphs", "data_gen", "training", "inference", "eval", "demo"]
+PACKAGES = ["common", "bagel_ft", "scene_graphs", "data_gen", "training", "inference", "eval", "demo", "commands"]
 
 setup(
     name="bagel-ft",
-    version="0.1.0",
+    version=re.search(r'VERSION = "(.+?)"', Path("commands/main.py").read_text()).group(1),
     description="Plan-Sketch-Inspect-Refine fine-tuning of BAGEL-style unified multimodal models",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
@@ -44,5 +47,5 @@ setup(
         "kontext": ["diffusers>=0.40"],  # FluxKontextPipeline (0.35) loading with `dtype=` (0.40)
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
     },
-    entry_points={"console_scripts": ["bagel-ft=bagel_ft.cli:main"]},
+    entry_points={"console_scripts": ["bagel-ft=commands.main:main"]},
 )

@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.config import ConfigError  # the one config error of every package (re-exported here)
+
 LAYER_MODULES = ("Qwen2DecoderLayer", "Qwen2MoTDecoderLayer")
-
-
-class ConfigError(ValueError):
-    """A config file or value is invalid; the message names the file, field, expected and got."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,6 +54,21 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
     def save_pretrained(self, path: str | Path) -> None: ...
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """The special-token ids alone (named as on every tokenizer): what the packer needs, light to pass around."""
+
+    bos_id: int
+    eos_id: int
+    vision_start_id: int
+    vision_end_id: int
+    end_of_text_id: int
+
+    @classmethod
+    def of(cls, tok: Tokenizer) -> SpecialTokens:
+        return cls(tok.bos_id, tok.eos_id, tok.vision_start_id, tok.vision_end_id, tok.end_of_text_id)
 
 
 # ---- byte tokenizer (tiny model / reference) ------------------------------------------------------

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from common.errors import UserError
+
 INDEX_SUFFIX = ".safetensors.index.json"
 ALIGNMENT = 8  # header padding (bytes), as safetensors writes it
 
@@ -49,7 +51,7 @@ DTYPE_NAMES = {
 DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable, or does not match the model; the message says where."""
 
 

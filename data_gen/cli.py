@@ -44,13 +44,27 @@ import logging
 import sys
 from pathlib import Path
 
+from commands.options import add_set_argument
+
 PIPELINES = ("trajectories", "critiques", "alignment")
+PIPELINE_HELP = {
+    "trajectories": "build the trajectories subset: prompt -> scene graph -> plan -> draw, judge each step",
+    "critiques": "build the critiques subset: a drafter's trajectory judged step by step, with the fix",
+    "alignment": "build the alignment subset: (image, instruction) pairs, 1 positive : 2 negatives",
+}
+
+
+def _examples(name: str) -> str:
+    """The module docstring's example lines for pipeline `name` (its own --help shows them)."""
+    lines = [line for line in (__doc__ or "").splitlines() if f"bagel-ft data {name}" in line]
+    return "examples:\n" + "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", metavar="PIPELINE", required=True)
     for name in PIPELINES:
-        p = sub.add_parser(name, help=f"build the {name} subset")
+        p = sub.add_parser(name, help=PIPELINE_HELP[name], description=f"{PIPELINE_HELP[name]}.\n\n{_examples(name)}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument("--out", required=True, help="output directory (re-run with the same one to resume)")
         p.add_argument(
             "--num",
@@ -64,13 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--config", default=None, help="YAML data config, e.g. configs/data/gpt4o.yaml (default: shapes world)"
         )
-        p.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="SECTION.FIELD=VALUE",
-            help="override one config field (repeatable), e.g. --set pipeline.image_size=256",
-        )
+        add_set_argument(p, "pipeline.image_size=256")
         p.add_argument("--shard", default="0/1", help="I/N: this run does the prompts whose hash is I mod N")
         p.add_argument("--concurrency", type=int, default=None, help="requests in flight (endpoint.concurrency)")
         p.add_argument("--seed", type=int, default=0, help="run seed: generated prompts and every per-prompt seed")
@@ -108,6 +116,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as e:
         print(f"bagel-ft data: {e}", file=sys.stderr)
         return 2
+    if args.num is not None and args.num < 1:
+        raise SystemExit(f"--num: expected a count >= 1, got {args.num}")
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif args.num is None:

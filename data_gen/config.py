@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from common import config as config_io
+from common.config import ConfigError
 from inference.endpoint import EndpointConfig
 from inference.settings import DTYPE_NAMES
 
@@ -25,10 +25,6 @@ EDITORS = ("shapes", "bagel", "kontext")
 JUDGES = ("shapes", "vlm")
 SAMPLERS = ("shapes", "model")
 SAMPLER_MODES = ("psir", "scaled")  # inference modes whose streams have plan turns to critique
-
-
-class ConfigError(ValueError):
-    """A data config file or override is invalid; the message names the field, expected and got."""
 
 
 @dataclass
@@ -195,56 +191,9 @@ class DataConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> DataConfig:
-    """Defaults, then the YAML file, then `section.field=value` overrides (values parsed as YAML)."""
-    cfg = DataConfig()
-    if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at top level, got {type(data).__name__}")
-        for section, values in data.items():
-            if isinstance(values, dict):
-                for key, value in values.items():
-                    _set(cfg, f"{section}.{key}", value, where=str(path))
-            else:
-                _set(cfg, section, values, where=str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.field=value")
-        key, value = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(value), where="--set")
-    cfg.validate()
-    return cfg
+    """Defaults, then the YAML file, then `section.field=value` overrides (common.config), validated."""
+    return config_io.load(DataConfig, path, overrides)
 
 
 def save_config(cfg: DataConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def _set(cfg: DataConfig, dotted: str, value: Any, where: str) -> None:
-    *parents, name = dotted.split(".")
-    obj = cfg
-    for p in parents:
-        if not dataclasses.is_dataclass(obj) or not hasattr(obj, p):
-            raise ConfigError(f"{where}: unknown config section {dotted!r}")
-        obj = getattr(obj, p)
-    fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
-    if name not in fields:
-        raise ConfigError(f"{where}: unknown config field {dotted!r}; known: {sorted(fields)}")
-    default = getattr(type(obj)(), name)
-    if dataclasses.is_dataclass(default):
-        raise ConfigError(f"{where}: {dotted!r} is a section, set its fields instead")
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise ConfigError(f"{where}: {dotted}: expected bool, got {value!r}")
-    if (
-        isinstance(default, int)
-        and not isinstance(default, bool)
-        and (isinstance(value, bool) or not isinstance(value, int))
-    ):
-        raise ConfigError(f"{where}: {dotted}: expected an integer, got {value!r}")
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {dotted}: expected a number, got {value!r}")
-        value = float(value)
-    if isinstance(default, str) and not isinstance(value, str):
-        raise ConfigError(f"{where}: {dotted}: expected a string, got {value!r}")
-    setattr(obj, name, value)
+    config_io.save_yaml(cfg, path)

@@ -2,8 +2,6 @@
 
   * `demo.autoencoder`  — train the tiny FLUX-style autoencoder on shapes renders; measure it with the judge.
   * `demo.base_data`    — shapes-world t2i + caption records (docs/format.md) for base pretraining.
-  * `demo.judge_eval`   — ShapesEval-style accuracy of generated images (per category; shape / color /
-                          count / position), read by the shapes judge.
   * `demo.base_model`   — the one command that rebuilds `checkpoints/shapes-base` end to end.
   * `demo.cli`, `demo.pipeline`, `demo.report` — `bagel-ft demo`: data, PSIR fine-tune of the base, PSIR on
                           held-out prompts, ShapesEval base vs fine-tuned, one HTML report; resumable phases.

@@ -16,7 +16,7 @@ model's latents have mean 0 and std 1 over the training pool: shift = mean, scal
 means — the rule FLUX's 0.3611 / 0.1159 come from. They are written into `vae_config.json`.
 
 Measured on the fixed ShapesEval prompts rendered at `--canvas` (never seen in training): pixel MSE / PSNR,
-the judge's verdict on the reconstructions (`demo.judge_eval`: the originals score 1.0), and detection
+the judge's verdict on the reconstructions (`eval.shapes_eval.score_images`: the originals score 1.0), and detection
 agreement (the judge finds the same sorted (shape, color, size) list in reconstruction and original).
 Output: OUT/ae.safetensors, OUT/vae_config.json, OUT/metrics.json.
 """
@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 
 from bagel_ft.autoencoder import AutoEncoder
 from bagel_ft.config import VAEConfig
-from demo.judge_eval import judge_view, score_images
+from eval.shapes_eval import score_images
 from scene_graphs.shapes import detect, generate_prompts, render, shapes_eval_prompts
 from scene_graphs.shapes.vocab import BACKGROUND
 
@@ -210,7 +210,7 @@ def reconstruct(ae: AutoEncoder, images: list[Image.Image], batch: int = 50) -> 
 
 
 def _signature(image: Image.Image) -> list[tuple[str, str, str]]:
-    return sorted((d.shape, d.color, d.size) for d in detect(judge_view(image)))
+    return sorted((d.shape, d.color, d.size) for d in detect(image.convert("RGB")))
 
 
 def evaluate_autoencoder(ae: AutoEncoder, canvas: int, limit: int | None = None) -> dict:

@@ -19,7 +19,7 @@ Stages (each skips itself when its output exists in `--work`, so a stopped run c
                   the unified mixture (BAGEL's capability mix: draw, edit, judge, describe, chat) -> WORK/run
   7. export       stage 6's EMA export copied to `--out` (configs, ema.safetensors, ae.safetensors, tokenizer)
   8. evaluate     ShapesEval prompts (`--eval-per-category` per category, one sample each) drawn by
-                  `inference` in single mode, judged by `demo.judge_eval`              -> WORK/eval.json
+                  `inference` in single mode, judged by `eval.shapes_eval.score_images` -> WORK/eval.json
                   and `bagel-ft eval skills` (t2i / edit / verdict / caption)          -> WORK/skills
 
 Two stages, as BAGEL's own pretraining had several: stage 6 starts from a model that already draws, reads a
@@ -44,7 +44,9 @@ from bagel_ft.config import BagelConfig, VAEConfig
 from bagel_ft.modeling import Bagel
 from bagel_ft.tokenizer import load_tokenizer, train_bpe_tokenizer
 from bagel_ft.transforms import ImageGeometry
+from common.config import to_dict
 from demo.base_data import DEFAULT_COUNTS
+from inference.settings import save_checkpoint_options
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = REPO / "configs/model/shapes_base"
@@ -212,8 +214,8 @@ def evaluate(
     seed: int = 0,
     save_dir: str | Path | None = None,
 ) -> dict:
-    """`demo.judge_eval.score_images` of `draw_shapes_eval`; optionally saves a contact sheet of the images."""
-    from demo.judge_eval import score_images
+    """`eval.shapes_eval.score_images` of `draw_shapes_eval`; optionally saves a contact sheet of the images."""
+    from eval.shapes_eval import score_images
 
     t0 = time.time()
     prompts, images = draw_shapes_eval(model_or_dir, per_category, flow, seed)
@@ -360,6 +362,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(args.out)
         load_tokenizer(work / "run" / "export").save_pretrained(args.out)
         ImageGeometry.from_dir(work / "run" / "export").save_dir(args.out)  # the sizes it was trained at
+        save_checkpoint_options(args.out, {"flow": to_dict(FlowDefaults())}, "the shapes base's settings (demo.base_model.FlowDefaults)")
 
     stage("export", False, do_export)
     result = {"stage_seconds": times}

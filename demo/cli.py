@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from commands.options import add_set_argument, split_overrides
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from demo.pipeline import PHASE_NAMES, TRAIN_CONFIG, DemoSettings
@@ -29,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--base", default=None, help="base checkpoint dir (default: the shipped checkpoints/shapes-base)"
     )
     parser.add_argument("--config", default=str(TRAIN_CONFIG), help="training YAML (default: %(default)s)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted training override (repeatable), e.g. --set train.steps=400")  # fmt: skip
+    add_set_argument(parser, "train.steps=400 (training) or options.flow.num_timesteps=11 (inference: load.* / "
+                             "options.*)")  # fmt: skip
     parser.add_argument("--prompts", type=int, default=d.prompts, help="prompts per data pipeline (%(default)s)")
     parser.add_argument("--data-seed", type=int, default=d.data_seed, help="data_gen run seed (%(default)s)")
     parser.add_argument("--psir-prompts", type=int, default=d.psir_prompts,
@@ -43,8 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of base records in the fine-tune's mixture (%(default)s)")  # fmt: skip
     parser.add_argument("--eval-n", type=int, default=d.eval_n, help="samples per ShapesEval prompt (%(default)s)")
     parser.add_argument("--eval-seed", type=int, default=d.eval_seed, help="ShapesEval base seed (%(default)s)")
-    parser.add_argument("--infer-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="dotted inference override (repeatable), e.g. --infer-set options.flow.num_timesteps=11")  # fmt: skip
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (%(default)s)")
     parser.add_argument("--until", choices=PHASE_NAMES, default=None, help="stop after this phase")
     parser.add_argument("--redo", choices=PHASE_NAMES, default=None,
@@ -62,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
 
         return reproduce.main(["--out", args.out, "--threads", str(args.threads)]
                               + (["--base", args.base] if args.base else []))  # fmt: skip
+    overrides = split_overrides(args.set, ("load", "options"), rest="train")
     settings = DemoSettings(
-        out=args.out, base=args.base, train_config=args.config, train_overrides=list(args.set), prompts=args.prompts,
+        out=args.out, base=args.base, train_config=args.config, train_overrides=overrides["train"], prompts=args.prompts,
         data_seed=args.data_seed, psir_prompts=args.psir_prompts, eval_limit=args.eval_limit, eval_n=args.eval_n,
         eval_subset=args.eval_subset.split(",") if args.eval_subset else None, eval_seed=args.eval_seed,
-        inference_overrides=list(args.infer_set), replay=args.replay, threads=args.threads, progress=not args.quiet,
+        inference_overrides=overrides["load"] + overrides["options"], replay=args.replay, threads=args.threads, progress=not args.quiet,
     )  # fmt: skip
     try:
         run_demo(settings, until=args.until, redo=args.redo)

@@ -184,8 +184,7 @@ def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
     """The inference YAML (eval's `load:` / `options:`) of every phase: the base model's flow settings
     (demo.base_model.FlowDefaults; height/width 0: the largest image the model draws, its canvas) and PSIR
     budgets that fit the data's longest trajectory, then dotted `overrides` (values parsed as YAML; eval checks the field names)."""
-    import yaml
-
+    from common.config import apply_overrides
     from data_gen.config import PipelineConfig
     from demo.base_model import FlowDefaults
 
@@ -200,16 +199,7 @@ def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
             "budget": {"max_images": images, "max_steps": 2 * images + 2, "max_tokens": 3072},
         }
     }  # fmt: skip
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DemoError(f"inference override {item!r}: expected options.SECTION.FIELD=VALUE")
-        *parents, name = key.strip().split(".")
-        node = config
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[name] = yaml.safe_load(value)
-    return config
+    return apply_overrides(config, overrides)
 
 
 def shapes_eval_run(
@@ -365,11 +355,11 @@ class Demo:
 
     def psir_generator(self):
         """inference's Generator of the fine-tuned export (the whole Result: the stream's steps and failures)."""
-        from eval.generator import dataclass_from_dict
+        from common.config import build
         from inference import GenerateOptions, Generator
 
         if "psir" not in self._generators:
-            options = dataclass_from_dict(GenerateOptions, {**self.inference["options"], "mode": "psir"})
+            options = build(GenerateOptions, {**self.inference["options"], "mode": "psir"})
             self._generators["psir"] = Generator.from_pretrained(self.layout.export, options)
         return self._generators["psir"]
 

@@ -37,7 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
+from commands.options import add_set_argument, split_overrides, strip_section
+from common.config import apply_overrides, merge, read_yaml
 
 BENCHMARKS = ("geneval", "wise", "shapes", "skills")
 REPO = Path(__file__).resolve().parent.parent
@@ -72,12 +73,13 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--inference-config",
         default=None,
-        help="inference YAML for a checkpoint --ckpt: load: and "
-        "options: sections (configs/eval/inference_*.yaml; default: inference's defaults)",
+        help="inference YAML for a checkpoint --ckpt: load: and options: sections (configs/eval/inference_*.yaml); "
+        "over the checkpoint's own inference.yaml, else inference's defaults",
     )
     parser.add_argument("--judge-config", default=None, help="WISE judge YAML (configs/eval/wise_*.yaml)")
-    parser.add_argument("--judge-model", default=None, help="override the judge config's model")
+    parser.add_argument("--judge-model", default=None, help="override the judge config's model (= --set judge.model=M)")
     parser.add_argument("--judge-base-url", default=None, help="override the judge config's base_url")
+    add_set_argument(parser, "options.flow.num_timesteps=11 (inference: load.* / options.*) or judge.model=M")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -85,6 +87,9 @@ def run(args) -> int:
     from eval.run_dir import CONFIG_FILE, RunDirError, prepare_run_dir, read_config, write_json_atomic
 
     out = Path(args.out)
+    for flag in ("n", "limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag}: expected a count >= 1, got {getattr(args, flag)}")
     if args.benchmark == "skills":
         return _skills(args, out)
     if args.stage == "score":  # score what was generated: its n / subset / limit unless given again
@@ -158,6 +163,7 @@ def _shapes(args, out: Path, generator, n: int, subset, judge) -> None:
 def _skills(args, out: Path) -> int:
     from eval.run_dir import RunDirError
     from eval.skills import SKILLS, SkillsConfig, run
+    from inference.settings import checkpoint_options
 
     if not args.ckpt:
         raise SystemExit("bagel-ft eval skills: --ckpt is required")
@@ -166,18 +172,16 @@ def _skills(args, out: Path) -> int:
     if unknown:
         raise SystemExit(f"bagel-ft eval skills: --subset {','.join(unknown)}: expected some of {','.join(SKILLS)}")
     config = SkillsConfig(skills=skills, seed=args.seed or 0)
-    if args.inference_config:  # options.flow of an inference YAML sets how every skill draws
-        flow = (yaml.safe_load(Path(args.inference_config).read_text()) or {}).get("options", {}).get("flow", {})
-        fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
-        unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
-        if unknown:
-            raise SystemExit(f"{args.inference_config}: options.flow: {unknown} unknown to eval skills; expected {fields}")
-        for key in fields:
-            if key in flow:
-                setattr(config, key, tuple(flow[key]) if key == "cfg_interval" else flow[key])
+    # how every skill draws: the checkpoint's inference.yaml, then options.flow of --inference-config / --set
+    flow = merge(checkpoint_options(args.ckpt).get("flow", {}), ((inference_config(args) or {}).get("options") or {}).get("flow", {}))
+    fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
+    unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
+    if unknown:
+        raise SystemExit(f"options.flow: {unknown} unknown to eval skills; expected {fields}")
+    for key in fields:
+        if key in flow:
+            setattr(config, key, tuple(flow[key]) if key == "cfg_interval" else flow[key])
     if args.limit is not None:
-        if args.limit < 1:
-            raise SystemExit(f"bagel-ft eval skills: --limit must be >= 1, got {args.limit}")
         config.limit = args.limit
     try:
         run(args.ckpt, out, config)
@@ -190,7 +194,9 @@ def _judge_config(args):
     from eval.wise import JudgeConfig
 
     path = args.judge_config or REPO / "configs" / "eval" / "wise_gpt4o.yaml"
-    config = JudgeConfig.from_yaml(path, model=args.judge_model, base_url=args.judge_base_url)
+    flags = [f"{k}={v}" for k, v in (("model", args.judge_model), ("base_url", args.judge_base_url)) if v is not None]
+    overrides = strip_section(split_overrides(args.set, ("load", "options", "judge"))["judge"])
+    config = JudgeConfig.from_yaml(path, flags + overrides)
     try:
         config.api_key()  # fail before hours of generation, not after
     except RuntimeError as e:
@@ -209,11 +215,21 @@ def _run_config(args, n: int, subset: list[str] | None, judge) -> dict[str, Any]
         "subset": subset,
         "label": args.label,
         "judge": judge.public() if judge else None,
-        "inference": yaml.safe_load(Path(args.inference_config).read_text()) if args.inference_config else None,
+        "inference": inference_config(args),
         "argv": sys.argv,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
     }
+
+
+def inference_config(args) -> dict[str, Any] | None:
+    """The inference YAML (--inference-config) with the `load.*` / `options.*` overrides of --set; None = the
+    checkpoint's and inference's defaults."""
+    overrides = split_overrides(args.set, ("load", "options", "judge"))
+    inference = overrides["load"] + overrides["options"]
+    if not args.inference_config and not inference:
+        return None
+    return apply_overrides(read_yaml(args.inference_config) if args.inference_config else {}, inference)
 
 
 def _git_commit() -> str | None:

@@ -30,6 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from bagel_ft.trajectory import Trajectory
+from common.config import ConfigError
 
 MODES = ("single", "psir", "scaled")
 COST_KEYS = ("images", "flow_steps", "tokens", "wall_s")
@@ -110,20 +111,22 @@ class InferenceGenerator:
 
     `config` is the inference YAML (configs/eval/inference_*.yaml): `load:` keyword arguments of
     `Generator.from_pretrained` (dtype, device, tokenizer) and `options:` fields of `GenerateOptions`
-    (flow, text, budget, scaling, verifier, ...), nested as in the dataclasses; absent = inference's defaults.
+    (flow, text, budget, scaling, verifier, ...), nested as in the dataclasses; absent = the checkpoint's
+    `inference.yaml` (inference.settings.checkpoint_options), else inference's defaults.
     A PSIR / scaled stream that draws nothing is scored on a black stand-in (`generate`), unless the config
     sets inference's `options.fallback_image: true` (a single-mode image instead: a different method, label it)."""
 
     def __init__(self, ckpt: str, mode: str = "single", config: dict[str, Any] | None = None):
-        from inference import GenerateOptions, Generator  # engineer E's package; eval never imports training
+        from inference import Generator  # engineer E's package; eval never imports training
+        from inference.settings import resolve_options
 
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         config = dict(config or {})
         unknown = set(config) - {"load", "options"}
         if unknown:
-            raise ValueError(f"inference config: unknown sections {sorted(unknown)}; expected load, options")
-        options = dataclass_from_dict(GenerateOptions, {**(config.get("options") or {}), "mode": mode})
+            raise ConfigError(f"inference config: unknown sections {sorted(unknown)}; expected load, options")
+        options = resolve_options(ckpt, config.get("options") or {}, {"mode": mode})  # the checkpoint's defaults below
         self.mode = mode
         self.name = f"inference:{mode}"
         self._generator = Generator.from_pretrained(ckpt, options, **(config.get("load") or {}))
@@ -141,24 +144,6 @@ class InferenceGenerator:
         traj = result.trajectory if result.trajectory is not None and result.trajectory.turns else None
         failure = result.trajectory.meta.get("failure") if result.trajectory is not None else None
         return Generation(image=result.image, trajectory=traj, cost=_cost_dict(result.cost), failure=failure)
-
-
-def dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build dataclass `cls` from a nested dict (YAML), refusing unknown fields by name."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown fields {sorted(unknown)}; expected some of {sorted(known)}")
-    kwargs = {}
-    defaults = cls()
-    for key, value in data.items():
-        default = getattr(defaults, key)
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            value = dataclass_from_dict(type(default), value)
-        elif isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 def _cost_dict(cost: Any) -> dict[str, float]:

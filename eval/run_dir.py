@@ -29,6 +29,7 @@ from typing import Any
 from PIL import Image
 
 from bagel_ft.trajectory import Trajectory
+from common.errors import UserError
 
 TMP_PREFIX = ".tmp-"
 CONFIG_FILE = "config.json"
@@ -38,7 +39,7 @@ SUMMARY_FILE = "summary.json"
 IDENTITY_FIELDS = ("benchmark", "ckpt", "mode", "seed", "inference")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory cannot be used as asked (e.g. it was produced by a different config)."""
 
 
@@ -113,12 +114,14 @@ def prepare_run_dir(out: str | Path, config: dict[str, Any]) -> Path:
     """Create (or reopen for resuming) a run directory and record `config` in it.
 
     Reopening a directory written with a different benchmark/ckpt/mode/seed/inference settings raises
-    `RunDirError`: its finished work would silently be mixed into the new run's numbers.
+    `RunDirError`: its finished work would silently be mixed into the new run's numbers. A directory that
+    holds no finished work (a command that failed before its first result, e.g. on a mistyped --ckpt) is
+    simply taken over by the new config.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / CONFIG_FILE
-    if path.exists():
+    if path.exists() and holds_work(out):
         old = json.loads(path.read_text())
         diff = {k: (old.get(k), config.get(k)) for k in IDENTITY_FIELDS if old.get(k) != config.get(k)}
         if diff:
@@ -126,6 +129,14 @@ def prepare_run_dir(out: str | Path, config: dict[str, Any]) -> Path:
             raise RunDirError(f"{out} holds a run with a different config ({detail}); use a new --out")
     write_json_atomic(path, config)
     return out
+
+
+def holds_work(out: Path) -> bool:
+    """Whether `out` holds any finished file besides its config (`.tmp-*` debris does not count)."""
+    for p in out.rglob("*"):
+        if p.is_file() and p != out / CONFIG_FILE and not any(part.startswith(TMP_PREFIX) for part in p.parts):
+            return True
+    return False
 
 
 def read_config(run: str | Path) -> dict[str, Any]:

@@ -216,3 +216,19 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines += [f"{'overall':<18} {summary['overall']:.5f}" if summary["overall"] is not None else "overall: no images"]
     lines += [f"  {k:<16} {v['score']:7.2%} (n={v['n']})" for k, v in summary["subscores"].items()]
     return "\n".join(lines)
+
+
+def score_images(prompts: list[Any], images: list[Image.Image]) -> dict[str, Any]:
+    """`summarize` of in-memory `images[i]` judged against `prompts[i]` (`scene_graphs.shapes.ShapesPrompt`s; for
+    trials and the autoencoder's measurements): the rule of `score_shapes`, the judge reading each image at its
+    native size (clean renders pass 100% at 32-128 px)."""
+    from scene_graphs import shapes
+
+    if len(prompts) != len(images):
+        raise ValueError(f"score_images: {len(prompts)} prompts but {len(images)} images")
+    records = []
+    for prompt, image in zip(prompts, images, strict=True):
+        verdict = shapes.check(image.convert("RGB"), prompt.graph)
+        checks = sub_checks(verdict, prompt.graph)
+        records.append({"category": prompt.tag, "correct": verdict.consistent, "score": verdict.score, "checks": checks})
+    return summarize(records)

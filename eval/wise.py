@@ -30,13 +30,13 @@ from __future__ import annotations
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
+from common import config as config_io
 from eval.generator import ImageGenerator, generate, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
@@ -170,16 +170,9 @@ class JudgeConfig:
     cache_dir: str = ""  # "" -> <out>/judge_cache; point runs at one shared folder to share replies
 
     @classmethod
-    def from_yaml(cls, path: str | Path | None, **overrides: Any) -> JudgeConfig:
-        data = yaml.safe_load(Path(path).read_text()) if path else {}
-        data = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(
-                f"{path or 'judge config'}: unknown judge fields {sorted(unknown)}; expected {sorted(known)}"
-            )
-        return cls(**data)
+    def from_yaml(cls, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> JudgeConfig:
+        """The YAML file's values, then `key=value` overrides (common.config)."""
+        return config_io.load(cls, path, overrides)
 
     def api_key(self) -> str:
         """The key from $`api_key_env`; local endpoints (127.0.0.1, localhost) may go without one."""

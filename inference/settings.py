@@ -6,8 +6,13 @@ onto these fields one to one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from bagel_ft.transforms import ImageGeometry  # noqa: F401  (re-exported: part of the inference options)
+from common import config as config_io
 from inference.endpoint import EndpointConfig
 
 MODES = ("single", "psir", "scaled")  # prompt -> one image | the native loop | P x I x k search
@@ -15,6 +20,7 @@ VERIFIERS = ("self", "shapes", "vlm")  # the model's inspect step | shapes-world
 DECISIONS = ("two_way", "three_way")  # draw/stop rule at <|im_end|> (inference.psir.decide)
 RENORM_TYPES = ("global", "channel", "text_channel")  # bagel_ft.flow.cfg_combine
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+CHECKPOINT_OPTIONS = "inference.yaml"  # beside image_geometry.json: how the checkpoint draws by default
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
@@ -106,3 +112,38 @@ class GenerateOptions:
 
     def psir(self) -> PSIRSettings:
         return PSIRSettings(self.text, self.flow, self.budget, self.decision)
+
+
+# ---- a checkpoint's own sampling defaults ---------------------------------------------------------------
+def checkpoint_options(ckpt: str | Path) -> dict[str, Any]:
+    """The `options:` of `ckpt/inference.yaml` ({} when the checkpoint has none or `ckpt` is no directory): the
+    sampling defaults `generate`, `eval` and `demo` start from, under any YAML or flag the user gives. Same
+    schema as the `options:` section of an eval inference YAML (configs/eval/inference_*.yaml)."""
+    path = Path(ckpt) / CHECKPOINT_OPTIONS
+    if not path.is_file():
+        return {}
+    data = config_io.read_yaml(path)
+    unknown = set(data) - {"options"}
+    if unknown:
+        raise config_io.ConfigError(f"{path}: unknown sections {sorted(unknown)}; expected options")
+    options = data.get("options") or {}
+    config_io.build(GenerateOptions, options, where=f"{path}: options")  # refuse a bad file when it is read
+    return options
+
+
+def resolve_options(ckpt: str | Path, *layers: dict[str, Any]) -> GenerateOptions:
+    """GenerateOptions: inference's defaults < the checkpoint's inference.yaml < each of `layers` (mappings)."""
+    data = checkpoint_options(ckpt)
+    for layer in layers:
+        data = config_io.merge(data, layer)
+    return config_io.build(GenerateOptions, data, where="inference options")
+
+
+def save_checkpoint_options(ckpt: str | Path, options: dict[str, Any], note: str = "") -> Path:
+    """Write `ckpt/inference.yaml` ({"options": options}, checked against GenerateOptions first)."""
+    config_io.build(GenerateOptions, options, where="inference options")
+    header = "# how this checkpoint draws by default (inference.settings.checkpoint_options)"
+    text = f"{header}{'; ' + note if note else ''}\n" + yaml.safe_dump({"options": options}, sort_keys=False)
+    path = Path(ckpt) / CHECKPOINT_OPTIONS
+    path.write_text(text)
+    return path

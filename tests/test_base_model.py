@@ -4,7 +4,7 @@
   tokenizer is the recipe's small BPE; it stays small;
 * it generates an image of the canvas size through `inference` (few Euler steps: a plumbing check, not quality);
 * its AE reconstructs a shapes render so the judge reads the same objects;
-* the base data records are valid `t2i` / `caption` trajectories; the judging view upsamples small images.
+* the base data records are valid `t2i` / `caption` trajectories; the judge reads small images at native size.
 """
 
 from __future__ import annotations
@@ -75,14 +75,13 @@ def test_generates_an_image_of_the_canvas_size(base_model):
 @needs_checkpoint
 def test_autoencoder_reconstruction_reads_as_the_original(base_model):
     from demo.autoencoder import reconstruct
-    from demo.judge_eval import judge_view
     from scene_graphs.shapes import check, generate_prompts, render
 
     side = base_model.config.vae.resolution
     prompts = generate_prompts(10, seed=123)
     originals = [render(p.graph, side, seed=i)[0] for i, p in enumerate(prompts)]
     recons = reconstruct(base_model.vae, originals)
-    ok = [check(judge_view(r), p.graph).consistent for p, r in zip(prompts, recons, strict=True)]
+    ok = [check(r, p.graph).consistent for p, r in zip(prompts, recons, strict=True)]
     assert sum(ok) >= 9, ok
 
 
@@ -148,15 +147,18 @@ def test_base_tokenizer_reads_shapes_words_whole_and_fits_the_model(tmp_path):
         build_init_checkpoint(cfg, tmp_path / "no-ae", tmp_path / "init", tokenizer_dir=tmp_path / "tok")
 
 
-def test_judge_view_upsamples_small_images():
-    from PIL import Image
+def test_score_images_judges_clean_renders_at_native_size():
+    """One judging rule (eval.shapes_eval): clean 64 px renders pass at their own size, no upsampling."""
+    from eval.shapes_eval import score_images
+    from scene_graphs.shapes import render, shapes_eval_prompts
 
-    from demo.judge_eval import JUDGE_SIDE, judge_view
-
-    assert judge_view(Image.new("RGB", (64, 64))).size == (128, 128)
-    assert judge_view(Image.new("RGB", (48, 48))).size == (144, 144)
-    assert judge_view(Image.new("RGB", (256, 256))).size == (256, 256)
-    assert JUDGE_SIDE == 128
+    prompts = shapes_eval_prompts()[::20]
+    images = [render(p.graph, 64, seed=i)[0] for i, p in enumerate(prompts)]
+    assert all(im.size == (64, 64) for im in images)
+    summary = score_images(prompts, images)
+    assert summary["overall"] == 1.0 and summary["total_images"] == len(prompts)
+    with pytest.raises(ValueError, match="2 prompts but 1 images"):
+        score_images(prompts[:2], images[:1])
 
 
 def test_standardized_timestep_init_separates_late_timesteps():

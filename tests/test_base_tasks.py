@@ -135,11 +135,12 @@ def test_edit_mix_holds_and_heldout_scenes_stay_out():
 
 
 def test_edit_record_is_laid_out_like_official_editing():
-    from bagel_ft.tokenizer import ByteTokenizer
-    from training.sequence import TEXT, VAE, VIT, ImageGeometry, SpecialTokens, build_sample_plan
+    from bagel_ft.tokenizer import ByteTokenizer, SpecialTokens
+    from bagel_ft.transforms import ImageGeometry
+    from training.sequence import TEXT, VAE, VIT, PlanGeometry, build_sample_plan
 
     record = make_records("edit", 1, 32, seed=1)[0]
     tok = ByteTokenizer()
-    plan = build_sample_plan(record, tok.encode, SpecialTokens.from_tokenizer(tok),
-                             ImageGeometry(8, 8, 32, 32, 32, 32, 32 * 32))  # fmt: skip
+    plan = build_sample_plan(record, tok.encode, SpecialTokens.of(tok),
+                             PlanGeometry(ImageGeometry(32, 32, 32, 32, 32 * 32), 8, 8))  # fmt: skip
     assert [(i.type, i.loss) for i in plan.items] == [(VAE, False), (VIT, False), (TEXT, False), (VAE, True)]

@@ -161,7 +161,7 @@ def test_loading_keeps_frozen_tables_and_rope_in_float32(tiny_dir):
 
 
 def test_model_cli_builds_saves_reloads_and_runs(tmp_path, capsys):
-    from bagel_ft.cli import main
+    from commands.main import main
 
     assert main(["model", "--out", str(tmp_path / "tiny"), "--seed", "3"]) == 0
     printed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if line.strip())

@@ -23,8 +23,8 @@ diffusers = pytest.importorskip("diffusers", reason="the kontext extra is not in
 
 from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
-from bagel_ft.cli import main  # noqa: E402
 from bagel_ft.trajectory import Trajectory, normalize_row  # noqa: E402
+from commands.main import main  # noqa: E402
 from data_gen.backends import make_backends  # noqa: E402
 from data_gen.backends.models import KontextEditor  # noqa: E402
 from data_gen.config import load_config  # noqa: E402

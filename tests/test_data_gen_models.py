@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_ft.cli import main
 from bagel_ft.trajectory import Trajectory, inspect_text, normalize_row, parse_verdict, plan_text
+from commands.main import main
 from data_gen.backends import make_backends
 from data_gen.backends import models as model_backends
 from data_gen.config import load_config

@@ -303,15 +303,29 @@ def test_official_scorer_is_run_when_found(metadata, tmp_path, monkeypatch):
     assert results[0]["model_path"] == "/models/m2f" and not list(out.glob(".tmp-*"))
 
 
-def test_a_run_dir_refuses_a_different_config(metadata, tmp_path):
-    from bagel_ft.cli import main as cli_main
+def test_a_run_dir_refuses_a_different_config(metadata, tmp_path, capsys):
+    from commands.main import main as cli_main
 
     out = tmp_path / "run"
     base = ["eval", "geneval", "--ckpt", "debug:noise", "--out", str(out), "--metadata", str(metadata), "--n", "1",
             "--stage", "generate", "--quiet"]  # fmt: skip
     assert cli_main(base) == 0
     assert cli_main(base + ["--n", "2"]) == 0  # more samples: the same run, extended
-    with pytest.raises(SystemExit, match=r"different config \(mode: 'single' -> 'psir'\)"):
-        cli_main(base + ["--mode", "psir"])
+    assert cli_main(base + ["--mode", "psir"]) == 2
+    assert "different config (mode: 'single' -> 'psir')" in capsys.readouterr().err
     config = json.loads((out / "config.json").read_text())
     assert config["n"] == 2 and config["generator"] == "debug:noise" and config["mode"] == "single"
+
+
+def test_a_failed_run_leaves_its_folder_usable(metadata, tmp_path, capsys):
+    """A mistyped --ckpt fails with one line (exit 2); the corrected command then runs in the same folder."""
+    from commands.main import main as cli_main
+
+    out = tmp_path / "run"
+    args = ["eval", "geneval", "--out", str(out), "--metadata", str(metadata), "--n", "1", "--stage", "generate",
+            "--quiet"]  # fmt: skip
+    assert cli_main(args + ["--ckpt", str(tmp_path / "no-such-ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-ckpt" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
+    assert cli_main(args + ["--ckpt", "debug:noise"]) == 0
+    assert json.loads((out / "config.json").read_text())["ckpt"] == "debug:noise"

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bagel_ft.cli import main as cli_main
+from commands.main import main as cli_main
+from common.config import ConfigError, build
 from eval import shapes_eval
-from eval.generator import InferenceGenerator, dataclass_from_dict, generate
+from eval.generator import InferenceGenerator, generate
 from eval.run_dir import read_jsonl
 
 inference = pytest.importorskip("inference")
@@ -25,10 +26,10 @@ def test_shipped_inference_configs_parse():
     for path in sorted((REPO / "configs" / "eval").glob("inference_*.yaml")):
         data = yaml.safe_load(path.read_text())
         assert set(data) <= {"load", "options"}, path
-        opts = dataclass_from_dict(inference.GenerateOptions, data.get("options") or {})
+        opts = build(inference.GenerateOptions, data.get("options") or {})
         assert opts.flow.height > 0 and isinstance(opts.flow.cfg_interval, tuple)
-    with pytest.raises(ValueError, match="unknown fields"):
-        dataclass_from_dict(inference.GenerateOptions, {"flow": {"heigth": 3}})
+    with pytest.raises(ConfigError, match="flow.heigth: unknown key; did you mean flow.height?"):
+        build(inference.GenerateOptions, {"flow": {"heigth": 3}})
 
 
 @pytest.mark.skipif(not TINY.exists(), reason="shared reference checkpoint not present")

@@ -6,8 +6,8 @@ import re
 import pytest
 from PIL import Image
 
-from bagel_ft.cli import main as cli_main
 from bagel_ft.trajectory import Trajectory, Turn, inspect_text, plan_text, refine_text
+from commands.main import main as cli_main
 from eval import geneval
 from eval.generator import Generation
 from eval.run_dir import prepare_run_dir, read_jsonl

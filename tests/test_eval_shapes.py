@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from bagel_ft.cli import main as cli_main
+from commands.main import main as cli_main
 from eval import shapes_eval
 from eval.generator import Generation, ShapesOracleGenerator
 from eval.run_dir import read_jsonl

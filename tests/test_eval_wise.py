@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bagel_ft.cli import main as cli_main
+from commands.main import main as cli_main
 from eval import wise
 from eval.generator import NoiseGenerator
 from eval.run_dir import read_jsonl

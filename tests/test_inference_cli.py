@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bagel_ft.cli import build_parser, main
+from commands.main import build_parser, main
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -9,11 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bagel_ft.config import BagelConfig
+from bagel_ft.tokenizer import SpecialTokens
 from training.packing import CFGDropout, Packer, PackingGeometry, pack_samples
-from training.sequence import VAE, VIT, SamplePlan, SpecialTokens, image_item, prepare_image, text_item
+from training.sequence import VAE, VIT, SamplePlan, image_item, prepare_image, text_item
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "tiny"
-SPECIAL = SpecialTokens(bos=300, eos=301, vision_start=302, vision_end=303, endoftext=304)
+SPECIAL = SpecialTokens(bos_id=300, eos_id=301, vision_start_id=302, vision_end_id=303, end_of_text_id=304)
 GEOM = PackingGeometry.from_model_config(BagelConfig.preset("tiny"))
 
 
@@ -187,9 +188,9 @@ def _trajectory(subset="trajectory"):
 def _build(traj, **kw):
     from bagel_ft.tokenizer import ByteTokenizer
     from bagel_ft.transforms import ImageGeometry as Bounds
-    from training.sequence import ImageGeometry, build_sample_plan
+    from training.sequence import PlanGeometry, build_sample_plan
 
-    geo = ImageGeometry.from_bounds(Bounds(32, 8, 56, 14, 10**6), GEOM.latent_downsample, GEOM.vit_patch)
+    geo = PlanGeometry(Bounds(32, 8, 56, 14, 10**6), GEOM.latent_downsample, GEOM.vit_patch)
     return build_sample_plan(traj, ByteTokenizer().encode, SPECIAL, geo, **kw)
 
 
@@ -199,15 +200,15 @@ def test_record_to_plan_follows_the_format():
     generated = [(VAE, True, False, None), (VAE, False, True, None), (VIT, False, True, None)]
     assert kinds == [
         ("text", False, True, None),  # prompt: context, droppable
-        ("text", True, False, SPECIAL.vision_start),  # plan: a generated image follows
+        ("text", True, False, SPECIAL.vision_start_id),  # plan: a generated image follows
         *generated,  # noisy target + clean copy + ViT
-        ("text", True, False, SPECIAL.bos),  # inspect: another text turn (refine) follows
-        ("text", True, False, SPECIAL.vision_start),  # refine: the corrected image follows
+        ("text", True, False, SPECIAL.bos_id),  # inspect: another text turn (refine) follows
+        ("text", True, False, SPECIAL.vision_start_id),  # refine: the corrected image follows
         *generated,
         ("text", True, False, None),  # inspect: a GIVEN image follows, which the model does not choose
         (VAE, False, True, None),
         (VIT, False, True, None),  # given image: clean VAE + ViT only
-        ("text", True, False, SPECIAL.endoftext),  # the record ends here
+        ("text", True, False, SPECIAL.end_of_text_id),  # the record ends here
     ]
     assert plan.items[2].image.shape == (3, 16, 16) and plan.items[11].image.shape == (3, 16, 24)
     assert plan.items[4].image.shape == (3, 14, 14)  # ViT: snapped to the 14 px patch
@@ -235,10 +236,10 @@ def test_loss_role_overrides_and_special_labels_in_the_pack():
     b = pack_samples([plan], SPECIAL, GEOM, torch.Generator().manual_seed(0))
     labels = dict(zip(b.ce_loss_indexes.tolist(), b.packed_label_ids.tolist(), strict=True))
     eos_positions = [
-        i for i, t in zip(b.packed_text_indexes.tolist(), b.packed_text_ids.tolist(), strict=True) if t == SPECIAL.eos
+        i for i, t in zip(b.packed_text_indexes.tolist(), b.packed_text_ids.tolist(), strict=True) if t == SPECIAL.eos_id
     ]
     s = SPECIAL
-    assert [labels.get(p) for p in eos_positions] == [None, s.vision_start, s.bos, s.vision_start, None, s.endoftext]
+    assert [labels.get(p) for p in eos_positions] == [None, s.vision_start_id, s.bos_id, s.vision_start_id, None, s.end_of_text_id]
 
 
 def test_resize_snaps_to_the_stride_within_bounds():

@@ -25,7 +25,7 @@ def _random_plan(rng: random.Random, name: str) -> SamplePlan:
     for _ in range(rng.randint(1, 4)):
         if rng.random() < 0.5:
             loss = rng.random() < 0.7
-            label = rng.choice([None, SPECIAL.vision_start, SPECIAL.endoftext]) if loss else None
+            label = rng.choice([None, SPECIAL.vision_start_id, SPECIAL.end_of_text_id]) if loss else None
             items.append(text_item([rng.randrange(256) for _ in range(rng.randint(1, 6))], loss, not loss, label))
         else:
             h, w = rng.choice([4, 8, 12]), rng.choice([4, 8])

@@ -178,11 +178,11 @@ def test_stream_logits_equal_the_training_forward_of_its_trajectory(engine):
     """What the engine saw while writing a trajectory is what training computes on that record: the
     next-token logits of every text turn position (incl. the draw/stop decision at <|im_end|>) match the
     packed training forward (noisy target + clean VAE + ViT per generated image, training.sequence)."""
+    from bagel_ft.tokenizer import SpecialTokens
     from inference.psir import draw, start_stream
     from inference.settings import ImageGeometry
     from training.packing import PackingGeometry, pack_samples
-    from training.sequence import ImageGeometry as TrainGeometry
-    from training.sequence import SpecialTokens, build_sample_plan
+    from training.sequence import PlanGeometry, build_sample_plan
 
     geometry = ImageGeometry(vae_max_size=32, vae_min_size=16, vit_max_size=56, vit_min_size=28)  # configs/train/tiny_cpu
     eng = Engine(engine.model, engine.tokenizer, geometry)
@@ -201,9 +201,9 @@ def test_stream_logits_equal_the_training_forward_of_its_trajectory(engine):
     traj.validate()
 
     g = geometry  # the same bagel_ft.transforms.ImageGeometry drives inference and training
-    plan = build_sample_plan(traj, tok.encode, SpecialTokens.from_tokenizer(tok),
-                             TrainGeometry.from_bounds(g, eng.config.latent_downsample, eng.config.vit.patch_size))
-    batch = pack_samples([plan], SpecialTokens.from_tokenizer(tok), PackingGeometry.from_model_config(eng.config),
+    plan = build_sample_plan(traj, tok.encode, SpecialTokens.of(tok),
+                             PlanGeometry(g, eng.config.latent_downsample, eng.config.vit.patch_size))
+    batch = pack_samples([plan], SpecialTokens.of(tok), PackingGeometry.from_model_config(eng.config),
                          torch.Generator().manual_seed(0))
     with torch.no_grad():
         train_logits = eng.model(batch).ce_logits

@@ -236,17 +236,17 @@ def test_freeze_switches(data, tmp_path):
 
 
 def _stream(tables, stream=0, num_streams=1, seed=0):
-    from bagel_ft.tokenizer import ByteTokenizer
+    from bagel_ft.tokenizer import ByteTokenizer, SpecialTokens
     from bagel_ft.transforms import ImageGeometry as Bounds
     from training.data import DataStream, StreamSpec
     from training.packing import CFGDropout, PackingGeometry
-    from training.sequence import ImageGeometry, SpecialTokens
+    from training.sequence import PlanGeometry
 
     mcfg, tok = BagelConfig.preset("tiny"), ByteTokenizer()
     spec = StreamSpec(
         tok.encode,
-        SpecialTokens.from_tokenizer(tok),
-        ImageGeometry.from_bounds(Bounds(16, 16, 56, 28, 10**6), mcfg.latent_downsample, mcfg.vit.patch_size),
+        SpecialTokens.of(tok),
+        PlanGeometry(Bounds(16, 16, 56, 28, 10**6), mcfg.latent_downsample, mcfg.vit.patch_size),
         PackingGeometry.from_model_config(mcfg),
         CFGDropout(0.1, 0.3, 0.3),
         {},

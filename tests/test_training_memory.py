@@ -18,7 +18,7 @@ import torch
 
 from bagel_ft.config import BagelConfig, LLMConfig
 from training.config import load_config
-from training.memory import ActivationShape, ParamCounts, estimate, estimate_for_config
+from training.memory import ActivationShape, MemoryFitError, ParamCounts, estimate, estimate_for_config
 from training.optim import trainable_parameters
 from training.synthetic import write_table
 from training.trainer import Trainer
@@ -108,7 +108,8 @@ from training.losses import ce_sum, mse_sum
 from training.optim import EMA
 from training.packing import PackingGeometry, pack_samples
 from bagel_ft.transforms import ImageGeometry as Bounds
-from training.sequence import ImageGeometry, SpecialTokens, build_sample_plan
+from bagel_ft.tokenizer import SpecialTokens
+from training.sequence import PlanGeometry, build_sample_plan
 from training.synthetic import make_record
 import random
 torch.set_num_threads(1)
@@ -116,13 +117,13 @@ cfg = BagelConfig.preset("tiny")
 cfg.llm = LLMConfig(vocab_size=320, hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
                     num_attention_heads=8, num_key_value_heads=2)
 tok = ByteTokenizer()
-geo = ImageGeometry.from_bounds(Bounds(32, 32, 56, 28, 10**9), cfg.latent_downsample, cfg.vit.patch_size)
+geo = PlanGeometry(Bounds(32, 32, 56, 28, 10**9), cfg.latent_downsample, cfg.vit.patch_size)
 rng = random.Random(0)
 plans, total = [], 0
 while total < int(sys.argv[1]):
-    p = build_sample_plan(make_record(rng, len(plans), (32, 32)), tok.encode, SpecialTokens.from_tokenizer(tok), geo)
+    p = build_sample_plan(make_record(rng, len(plans), (32, 32)), tok.encode, SpecialTokens.of(tok), geo)
     plans.append(p); total += p.num_tokens
-batch = pack_samples(plans, SpecialTokens.from_tokenizer(tok), PackingGeometry.from_model_config(cfg),
+batch = pack_samples(plans, SpecialTokens.of(tok), PackingGeometry.from_model_config(cfg),
                      torch.Generator().manual_seed(0))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 model = Bagel(cfg).attach_vae(AutoEncoder(cfg.vae))
@@ -181,8 +182,8 @@ def test_recipe_dry_run_fits_8_gpus_and_refuses_one(capsys):
     assert 14.6e9 < ParamCounts.of(cfg, BagelConfig.preset("bagel-7b-mot")).total < 14.7e9
     assert est.total / 2**30 < 0.9 * 80
     assert "host RAM per rank" in table and "loading" in table and "export" in table
-    assert dry_run(cfg, 1) == 1
-    assert "does not fit" in capsys.readouterr().err
+    with pytest.raises(MemoryFitError, match="does not fit"):
+        dry_run(cfg, 1)
 
 
 def test_no_ema_counts_no_ema_bytes():

@@ -1,16 +1,17 @@
 """Fine-tune a Bagel model on trajectory tables (CE on text + flow-matching MSE on images).
 
+  python -m training.synthetic runs/data/tiny_synthetic --records 64 --size 16   # its data (seconds)
   bagel-ft train configs/train/tiny_cpu.yaml                          # CPU, tiny model, ~1 min
-  bagel-ft train configs/train/tiny_cpu.yaml train.steps=50 optim.lr=1e-3 run.dir=runs/try
+  bagel-ft train configs/train/tiny_cpu.yaml --set train.steps=50 --set optim.lr=1e-3 --set run.dir=runs/try
   bagel-ft train configs/train/psir_bagel7b_8xh100.yaml --dry-run --world-size 8   # memory estimate only
   torchrun --nproc_per_node 8 -m training.cli configs/train/psir_bagel7b_8xh100.yaml
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id run \
-      -m training.cli configs/train/psir_bagel7b_8xh100.yaml train.global_batch=16    # on each node
+      -m training.cli configs/train/psir_bagel7b_8xh100.yaml --set train.global_batch=16    # on each node
   bagel-ft train RUN/config.yaml --export RUN/checkpoints/step_00010000 OUT     # EMA -> official layout
   bagel-ft train --help-config                                        # every config key with its doc
 
 A run resumes automatically from the latest complete checkpoint in run.dir (run.resume=auto).
-Exit codes: 0 done, 1 bad config / does not fit, 2 stopped (non-finite steps).
+Exit codes: 0 done, 1 stopped (non-finite steps), 2 the user's error (a bad config, or it does not fit).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from __future__ import annotations
 import os
 import sys
 
+from commands.options import add_set_argument
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="training config YAML (configs/train/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE, e.g. optim.lr=1e-4 train.steps=100")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE after the config (same as --set)")
+    add_set_argument(parser, "optim.lr=1e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the per-device memory estimate and exit")
     parser.add_argument(
         "--world-size",
@@ -39,49 +43,39 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from bagel_ft.config import ConfigError
     from training.config import describe, load_config
 
     if args.help_config:
         print("\n".join(describe()))
         return 0
     if not args.config:
-        print("bagel-ft train: a CONFIG file is required (see configs/train/)", file=sys.stderr)
-        return 1
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
-        if args.export:
-            from training.export import export_ema
+        raise SystemExit("a CONFIG file is required (see configs/train/)")
+    cfg = load_config(args.config, args.overrides + args.set)
+    if args.dry_run:
+        return dry_run(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1")))
+    if args.export:
+        from training.export import export_ema
 
-            print(export_ema(cfg, args.export[0], args.export[1]))
-            return 0
-        from training.memory import MemoryFitError
-        from training.trainer import TrainingStopped, train
-
-        try:
-            state = train(cfg)
-        except TrainingStopped as e:
-            print(f"bagel-ft train: {e}", file=sys.stderr)
-            return 2
-        except MemoryFitError as e:
-            print(f"bagel-ft train: {e}", file=sys.stderr)
-            return 1
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"done: {state.step} steps, checkpoints in {cfg.run.dir}/checkpoints", file=sys.stderr)
+        print(export_ema(cfg, args.export[0], args.export[1]))
         return 0
-    except ConfigError as e:
+    from training.trainer import TrainingStopped, train
+
+    try:
+        state = train(cfg)
+    except TrainingStopped as e:
         print(f"bagel-ft train: {e}", file=sys.stderr)
         return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {state.step} steps, checkpoints in {cfg.run.dir}/checkpoints", file=sys.stderr)
+    return 0
 
 
 def dry_run(cfg, world: int) -> int:
-    """Estimate per-device memory without loading weights; exit 1 when it cannot fit."""
+    """Estimate per-device memory without loading weights; MemoryFitError (exit 2) when it cannot fit."""
     import torch
 
     from training.config import resolve_grad_accum
-    from training.memory import GiB, MemoryFitError, check_fit, estimate_for_config
+    from training.memory import GiB, check_fit, estimate_for_config
     from training.trainer import check_geometry, model_config
 
     mcfg = model_config(cfg)
@@ -95,11 +89,7 @@ def dry_run(cfg, world: int) -> int:
     )
     print(est.table(f"per-device memory estimate ({where})"))
     print(host_table(cfg, mcfg, world, "cuda" if gpu else "cpu"))
-    try:
-        check_fit(est, cfg, torch.device("cuda" if gpu else "cpu"))
-    except MemoryFitError as e:
-        print(f"bagel-ft train --dry-run: {e}", file=sys.stderr)
-        return 1
+    check_fit(est, cfg, torch.device("cuda" if gpu else "cpu"))  # MemoryFitError: the user's error, exit 2
     if gpu and cfg.train.gpu_memory_gb > 0:
         print(f"fits: {est.total / GiB:.1f} GiB <= 90% of {cfg.train.gpu_memory_gb:.0f} GiB")
     return 0
@@ -127,15 +117,7 @@ def host_table(cfg, mcfg, world: int, device_type: str) -> str:
     return host.table(f"host RAM per rank (checkpoint file {source}, export {export_bytes} bytes per weight)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
+if __name__ == "__main__":  # `python -m training.cli ...` (torchrun -m) == `bagel-ft train ...`
+    from commands.main import main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m training.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

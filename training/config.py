@@ -10,25 +10,13 @@ dotted key, what was expected and what was given. The resolved config is written
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bagel_ft.config import ConfigError
-
-
-def _f(default: Any, doc: str, choices: tuple | None = None) -> Any:
-    """A dataclass field with its one-line doc (and allowed values) in the metadata."""
-    meta = {"doc": doc, "choices": choices}
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from common import config as config_io
+from common.config import ConfigError
+from common.config import setting as _f
 
 
 @dataclass
@@ -208,85 +196,10 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults -> YAML file -> dotted `a.b=value` overrides (values parsed as YAML), then validated."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. optim.lr=1e-4")
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""  # `key=` sets an empty string
-    cfg = _build(Config, data, "")
+    """Defaults -> YAML file -> dotted `a.b=value` overrides (common.config), then validated."""
+    cfg = config_io.load(Config, path, overrides or [])
     validate(cfg)
     return cfg
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{prefix}{name}", known[name].metadata.get("choices"))
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str, choices: tuple | None = None) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key, choices)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    elif tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if choices is not None and value not in choices:
-        raise ConfigError(f"{key}: expected one of {list(choices)}, got {value!r}")
-    return value
 
 
 def validate(cfg: Config) -> None:
@@ -406,28 +319,13 @@ def resolve_grad_accum(cfg: Config, world_size: int) -> int:
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    return config_io.to_dict(cfg)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    config_io.save_yaml(cfg, path)
 
 
 def describe(cls: type = Config, prefix: str = "") -> list[str]:
     """One line per leaf field: `dotted.key = default  # doc` (for --help-config)."""
-    lines = []
-    defaults = cls()
-    for f in dataclasses.fields(cls):
-        value = getattr(defaults, f.name)
-        inner = typing.get_args(typing.get_type_hints(cls)[f.name])
-        if inner and dataclasses.is_dataclass(inner[0]):  # a list of sections, e.g. data.sources
-            lines.append(f"  {prefix}{f.name} = {value!r}  # {f.metadata['doc']}; each entry:")
-            lines += ["  " + line for line in describe(inner[0], prefix + f.name + "[].")]
-        elif dataclasses.is_dataclass(value):
-            lines.append(f"{prefix}{f.name}:  # {f.metadata['doc']}")
-            lines += describe(type(value), prefix + f.name + ".")
-        else:
-            choices = f.metadata.get("choices")
-            extra = f" (one of {list(choices)})" if choices else ""
-            lines.append(f"  {prefix}{f.name} = {value!r}  # {f.metadata['doc']}{extra}")
-    return lines
+    return config_io.describe(cls, prefix)

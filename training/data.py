@@ -32,9 +32,10 @@ import numpy as np
 import torch
 
 from bagel_ft.batch import PackedBatch
+from bagel_ft.tokenizer import SpecialTokens
 from bagel_ft.trajectory import FormatError, Trajectory, normalize_row
 from training.packing import CFGDropout, Packer, PackerStats, PackingGeometry, pack_samples
-from training.sequence import ImageGeometry, SamplePlan, SpecialTokens, build_sample_plan
+from training.sequence import PlanGeometry, SamplePlan, build_sample_plan
 
 
 class DataError(ValueError):
@@ -128,7 +129,7 @@ class StreamSpec:
 
     encode: Any  # text -> ids
     special: SpecialTokens
-    images: ImageGeometry  # resize bounds + strides
+    images: PlanGeometry  # resize bounds + strides
     packing: PackingGeometry
     dropout: CFGDropout
     loss_roles: dict[str, dict[str, bool]]

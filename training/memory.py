@@ -45,6 +45,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from bagel_ft.config import BagelConfig
+from common.errors import UserError
 from training.config import Config
 
 GiB = 1024**3
@@ -257,7 +258,7 @@ def host_estimate(
     return HostMemory(loading, largest * (4 + export_bytes), full, how)
 
 
-class MemoryFitError(RuntimeError):
+class MemoryFitError(UserError, RuntimeError):
     """The run cannot fit the device memory; the message shows the estimate and what to change."""
 
 

@@ -31,8 +31,10 @@ from bagel_ft.batch import PackedBatch
 from bagel_ft.config import ConfigError
 from bagel_ft.embeddings import latent_position_ids
 from bagel_ft.flow import sample_raw_timesteps
+from bagel_ft.segments import dropped_rope, image_segment, text_segment
 from bagel_ft.siglip import patchify_image, vit_position_ids
-from training.sequence import TEXT, VAE, VIT, SamplePlan, SpecialTokens
+from bagel_ft.tokenizer import SpecialTokens
+from training.sequence import TEXT, VAE, VIT, SamplePlan
 
 
 @dataclass(frozen=True)
@@ -92,69 +94,54 @@ def pack_samples(
         rope = 0
         sample_start = curr
         for item in plan.items:
-            start = curr
+            if item.type not in (TEXT, VIT, VAE):
+                raise ValueError(f"record {plan.record_id}: unknown plan item type {item.type!r}")
+            p_drop = {TEXT: dropout.text, VIT: dropout.vit, VAE: dropout.vae}[item.type]
+            if item.enable_cfg and not (item.type == VAE and item.loss) and dropped(p_drop):  # a noisy target stays
+                rope = dropped_rope(rope, is_image=item.type != TEXT)
+                continue
             if item.type == TEXT:
-                if item.enable_cfg and dropped(dropout.text):
-                    continue
-                shifted = [special.bos] + item.text_ids
-                text_ids += shifted + [special.eos]
-                text_idx += range(curr, curr + len(shifted) + 1)
+                shifted = [special.bos_id] + item.text_ids
+                seg = text_segment(curr, rope, len(shifted) + 1)
+                text_ids += shifted + [special.eos_id]
+                text_idx += seg.positions
                 if item.loss:
-                    ce_idx += range(curr, curr + len(shifted))
+                    ce_idx += seg.positions[:-1]
                     ce_w += [len2weight(len(shifted))] * len(shifted)
-                    labels += item.text_ids + [special.eos]
+                    labels += item.text_ids + [special.eos_id]
                 if item.special_token_label is not None:
-                    ce_idx.append(curr + len(shifted))
+                    ce_idx.append(seg.end - 1)
                     ce_w.append(1.0)
                     labels.append(item.special_token_label)
-                curr += len(shifted) + 1
-                pos_ids += range(rope, rope + curr - start)
-                rope += curr - start
-                mode = "causal"
             elif item.type == VIT:
-                if item.enable_cfg and dropped(dropout.vit):
-                    rope += 1
-                    continue
                 _, H, W = item.image.shape
                 tokens = patchify_image(item.image, g.vit_patch)
-                n = tokens.shape[0]
-                text_ids += [special.vision_start, special.vision_end]
-                text_idx += [curr, curr + n + 1]
+                seg = image_segment(curr, rope, tokens.shape[0])
                 vit_tokens.append(tokens)
                 vit_pos.append(vit_position_ids(H // g.vit_patch, W // g.vit_patch, g.vit_max_side))
-                vit_idx += range(curr + 1, curr + 1 + n)
-                vit_lens.append(n)
-                curr += n + 2
-                pos_ids += [rope] * (n + 2)
-                rope += 1
-                mode = "full"
-            elif item.type == VAE:
-                if item.enable_cfg and not item.loss and dropped(dropout.vae):
-                    rope += 1
-                    continue
+                vit_idx += seg.inner
+                vit_lens.append(tokens.shape[0])
+            else:
                 _, H, W = item.image.shape
                 h, w = H // g.latent_downsample, W // g.latent_downsample
-                n = h * w
-                text_ids += [special.vision_start, special.vision_end]
-                text_idx += [curr, curr + n + 1]
+                seg = image_segment(curr, rope, h * w, noisy=item.loss)
                 vae_images.append(item.image)
                 vae_shapes.append((h, w))
                 lat_pos.append(latent_position_ids(h, w, g.max_latent_size))
-                vae_idx += range(curr + 1, curr + 1 + n)
+                vae_idx += seg.inner
                 if item.loss:
-                    mse_idx += range(curr + 1, curr + 1 + n)
+                    mse_idx += seg.inner
                     raw = sample_raw_timesteps(1, generator=generator).item()
                 else:
                     raw = float("-inf")
-                timesteps += [raw] * n
-                curr += n + 2
-                pos_ids += [rope] * (n + 2)
-                rope += 0 if item.loss else 1
-                mode = "noise" if item.loss else "full"
-            else:
-                raise ValueError(f"record {plan.record_id}: unknown plan item type {item.type!r}")
-            split_lens.append(curr - start)
-            attn_modes.append(mode)
+                timesteps += [raw] * (h * w)
+            if item.type != TEXT:
+                text_ids += [special.vision_start_id, special.vision_end_id]
+                text_idx += seg.ends
+            pos_ids += seg.position_ids
+            split_lens.append(seg.length)
+            attn_modes.append(seg.attn_mode)
+            curr, rope = seg.end, seg.next_rope
         sample_lens.append(curr - sample_start)
 
     def t(values, dtype=torch.long):

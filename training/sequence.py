@@ -27,49 +27,21 @@ from typing import Any
 
 import torch
 
+from bagel_ft.tokenizer import SpecialTokens
 from bagel_ft.trajectory import NEXT_DRAW, NEXT_END, NEXT_TEXT, Trajectory, next_after_text
-from bagel_ft.transforms import ImageGeometry as ImageBounds
-from bagel_ft.transforms import prepare_image
+from bagel_ft.transforms import ImageGeometry, prepare_image
 
 TEXT, VIT, VAE = "text", "vit_image", "vae_image"  # official sequence_plan item types
 
 
 @dataclass(frozen=True)
-class SpecialTokens:
-    """Ids of the special tokens (docs/format.md table): Qwen2.5 151644.. or the byte tokenizer's 300.."""
+class PlanGeometry:
+    """How a record's images become tensors: the resize bounds (`bagel_ft.transforms.ImageGeometry`, shared with
+    inference) and the model's strides."""
 
-    bos: int  # <|im_start|>, opens every text segment
-    eos: int  # <|im_end|>, closes every text segment
-    vision_start: int  # <|vision_start|>, opens every image block
-    vision_end: int  # <|vision_end|>, closes every image block
-    endoftext: int  # <|endoftext|>, label at the <|im_end|> of the record's last text turn
-
-    @classmethod
-    def from_tokenizer(cls, tok: Any) -> SpecialTokens:
-        """From a `bagel_ft.tokenizer` tokenizer (ByteTokenizer / QwenTokenizer)."""
-        return cls(tok.bos_id, tok.eos_id, tok.vision_start_id, tok.vision_end_id, tok.end_of_text_id)
-
-
-@dataclass
-class ImageGeometry:
-    """Resize bounds (`bagel_ft.transforms.ImageGeometry`, shared with inference) plus the model's strides."""
-
+    bounds: ImageGeometry
     vae_stride: int  # pixels per latent token side = vae downsample * latent patch size
     vit_stride: int  # ViT patch size
-    vae_max_size: int
-    vae_min_size: int
-    vit_max_size: int
-    vit_min_size: int
-    max_pixels: int
-
-    @classmethod
-    def from_bounds(cls, bounds: ImageBounds, vae_stride: int, vit_stride: int) -> ImageGeometry:
-        b = bounds
-        return cls(vae_stride, vit_stride, b.vae_max_size, b.vae_min_size, b.vit_max_size, b.vit_min_size, b.max_pixels)
-
-    @property
-    def bounds(self) -> ImageBounds:
-        return ImageBounds(self.vae_max_size, self.vae_min_size, self.vit_max_size, self.vit_min_size, self.max_pixels)
 
 
 @dataclass
@@ -136,22 +108,22 @@ def build_sample_plan(
     traj: Trajectory,
     encode: Any,
     special: SpecialTokens,
-    geometry: ImageGeometry,
+    geometry: PlanGeometry,
     loss_roles: dict[str, dict[str, bool]] | None = None,
     special_token_loss: bool = True,
     ref: tuple[int, int] | None = None,
 ) -> SamplePlan:
     """docs/format.md section 3: the record's stream as plan items. `encode(text) -> list[int]` (no specials)."""
     loss_roles = loss_roles or {}
-    g = geometry
+    g, b = geometry, geometry.bounds
     images: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # image index -> (VAE tensor, ViT tensor)
 
     def tensors(index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if index not in images:
             im = traj.images[index]
             images[index] = (
-                prepare_image(im, g.vae_max_size, g.vae_min_size, g.vae_stride, g.max_pixels),
-                prepare_image(im, g.vit_max_size, g.vit_min_size, g.vit_stride, g.max_pixels),
+                prepare_image(im, b.vae_max_size, b.vae_min_size, g.vae_stride, b.max_pixels),
+                prepare_image(im, b.vit_max_size, b.vit_min_size, g.vit_stride, b.max_pixels),
             )
         return images[index]
 
@@ -172,11 +144,11 @@ def build_sample_plan(
         if losses[i] and special_token_loss:
             nxt = next_after_text(traj.turns, i)
             if nxt == NEXT_DRAW and losses[i + 1]:
-                label = special.vision_start
+                label = special.vision_start_id
             elif nxt == NEXT_TEXT:
-                label = special.bos
+                label = special.bos_id
             elif nxt == NEXT_END:
-                label = special.endoftext
+                label = special.end_of_text_id
         # supervised text is never dropped; unsupervised text is context and may be (CFG)
         items.append(text_item(encode(turn.text), loss=losses[i], enable_cfg=not losses[i], special_token_label=label))
     return SamplePlan(items, record_id=traj.id, subset=traj.subset, ref=ref)

@@ -26,7 +26,7 @@ import torch
 
 from bagel_ft.config import BagelConfig, ConfigError
 from bagel_ft.modeling import Bagel
-from bagel_ft.tokenizer import load_tokenizer
+from bagel_ft.tokenizer import SpecialTokens, load_tokenizer
 from bagel_ft.transforms import ImageGeometry
 from training import checkpoint as ckpt
 from training.config import Config, resolve_grad_accum, save_config, to_dict
@@ -48,8 +48,7 @@ from training.parallelize import (
     init_distributed,
     prepare_model,
 )
-from training.sequence import ImageGeometry as PlanGeometry
-from training.sequence import SpecialTokens
+from training.sequence import PlanGeometry
 from training.uniform import Padding, pad_unused_modules, strip_dummy
 
 
@@ -120,8 +119,8 @@ def stream_spec(cfg: Config, mcfg: BagelConfig, tokenizer) -> StreamSpec:
     d = cfg.data
     return StreamSpec(
         encode=tokenizer.encode,
-        special=SpecialTokens.from_tokenizer(tokenizer),
-        images=PlanGeometry.from_bounds(image_bounds(cfg), mcfg.latent_downsample, mcfg.vit.patch_size),
+        special=SpecialTokens.of(tokenizer),
+        images=PlanGeometry(image_bounds(cfg), mcfg.latent_downsample, mcfg.vit.patch_size),
         packing=PackingGeometry.from_model_config(mcfg),
         dropout=CFGDropout(d.text_cond_dropout_prob, d.vit_cond_dropout_prob, d.vae_cond_dropout_prob),
         loss_roles=d.loss_roles,
