@@ -6,6 +6,7 @@ import torch
 from bagel_ft.autoencoder import AutoEncoder
 from bagel_ft.config import BagelConfig
 from bagel_ft.modeling import Bagel
+from bagel_ft.tokenizer import SpecialTokens
 from training.config import load_config
 from training.losses import ce_sum, mse_sum
 from training.parallelize import DistEnv
@@ -31,13 +32,16 @@ def test_padding_keeps_losses_and_reaches_every_parameter(tmp_path, overrides, w
     mcfg = BagelConfig.preset("tiny")
     torch.manual_seed(0)
     model = Bagel(mcfg).attach_vae(AutoEncoder(mcfg.vae))
-    batch = build_streams(cfg, mcfg, build_tokenizer(cfg), DistEnv(0, 1, 0, None))[0].stream.next_pack().batch
+    tok = build_tokenizer(cfg)
+    batch = build_streams(cfg, mcfg, tok, DistEnv(0, 1, 0, None))[0].stream.next_pack().batch
     if batch.padded_images is not None:
         batch.padded_latent = model.vae.encode(batch.padded_images, sample=False)
 
     out = model(batch)
-    padded, padding = pad_unused_modules(batch, mcfg)
+    padded, padding = pad_unused_modules(batch, mcfg, SpecialTokens.of(tok))
     assert (padding.vit, padding.vae) == want
+    padded.validate()  # the dummy's blocks are laid out like any image block (bagel_ft.segments)
+    assert padded.sequence_length == batch.sequence_length + 3 * sum(want)
     out2, zero = strip_dummy(model(padded), padding)
     for a, b in [(out.ce_logits, out2.ce_logits), (out.mse_pred, out2.mse_pred), (out.mse_target, out2.mse_target)]:
         if a is None:  # an unsupervised head runs on 0 rows

@@ -18,16 +18,20 @@ CPU, NCCL on GPU; a plain `python` run is a single process without a process gro
 from __future__ import annotations
 
 import functools
+import math
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.config import ConfigError
 from training.config import Config
 from training.loading import load_sharded_
 from training.lora import apply_lora
+from training.optim import trainable_parameters
 
 # ---- processes ----------------------------------------------------------------------------------------
 
@@ -177,24 +181,131 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype, grad_accum: int) -> dict:
     }
 
 
-def apply_deepspeed(
-    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dtype: torch.dtype, grad_accum: int
-):
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise RuntimeError(f"train.sharding={cfg.train.sharding} needs DeepSpeed: pip install -e '.[deepspeed]'") from e
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dtype, grad_accum)
-    )
-    return engine, optimizer
+class Replicas:
+    """train.sharding=none: every process holds the whole model; gradients all-reduced (like DDP) before the
+    optimizer step. The interface every sharding shares: the trainer calls only these methods."""
+
+    pads_packs = False  # whether every rank must run every module (the trainer then pads packs: training.uniform)
+    engine = None  # DeepSpeed's engine (its checkpoints are its own files: training.checkpoint)
+
+    def __init__(self, cfg: Config, env: DistEnv, dtype: torch.dtype):
+        self.cfg, self.env, self.dtype = cfg, env, dtype
+
+    def load_dtype(self) -> torch.dtype:
+        """The dtype to build the weights in before sharding."""
+        return torch.float32
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int) -> torch.optim.Optimizer:
+        """Take the prepared model and its optimizer; returns the optimizer to checkpoint."""
+        self.model, self.optimizer = model, optimizer
+        return optimizer
+
+    @property
+    def module(self) -> nn.Module:
+        """The model whose parameters are trained (what the EMA follows)."""
+        return self.model
+
+    def forward(self, batch, last_micro_batch: bool):
+        context = nullcontext() if self.dtype == torch.float32 else torch.autocast(self.env.device.type, self.dtype)
+        with context:
+            return self.model(batch)
+
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        loss.backward()
+
+    def clip_and_step(self, loss_value: float) -> tuple[float, bool]:
+        """Clip the gradients and step the optimizer when loss and grad norm are finite -> (grad norm, finite)."""
+        params = [p for _, p in trainable_parameters(self.model)]
+        for p in params:  # a parameter no pack used gets a zero gradient (as with FSDP / DeepSpeed flat buffers):
+            if p.grad is None:  # AdamW then still applies its momentum, identically in every mode
+                p.grad = torch.zeros_like(p)
+        self.sync_gradients()
+        max_norm = self.cfg.optim.max_grad_norm if self.cfg.optim.max_grad_norm > 0 else float("inf")
+        norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
+        finite = math.isfinite(loss_value) and math.isfinite(norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, finite
+
+    def sync_gradients(self) -> None:
+        all_reduce_gradients(self.model, self.env)
+
+
+class FSDP(Replicas):
+    """train.sharding=fsdp: FSDP2 (`apply_fsdp`, in `prepare_model`) reduce-scatters gradients itself, on the last
+    micro-batch of a step, and casts to bf16 itself."""
+
+    def forward(self, batch, last_micro_batch: bool):
+        self.model.set_requires_gradient_sync(last_micro_batch)
+        return self.model(batch)
+
+    def sync_gradients(self) -> None:
+        pass
+
+
+class DeepSpeed(Replicas):
+    """train.sharding=zero2 / zero3: `deepspeed.initialize` wraps model and optimizer; DeepSpeed accumulates,
+    clips and steps itself (it cannot skip a non-finite update); every rank runs every module (ZeRO-3 gathers
+    parameters per module, ZeRO-2 buckets gradients in hook order)."""
+
+    pads_packs = True
+
+    def __init__(self, cfg: Config, env: DistEnv, dtype: torch.dtype):
+        super().__init__(cfg, env, dtype)
+        if cfg.train.export_ema:  # fail now, not after the last step
+            raise ConfigError(
+                f"train.export_ema=true is not supported with train.sharding={cfg.train.sharding}: EMA export "
+                "reads FSDP / single-process checkpoints; set train.export_ema=false (DeepSpeed checkpoints "
+                "convert with DeepSpeed's zero_to_fp32.py)"
+            )
+
+    def load_dtype(self) -> torch.dtype:
+        return self.dtype  # bf16 runs load bf16 weights (DeepSpeed casts anyway)
+
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int) -> torch.optim.Optimizer:
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise RuntimeError(
+                f"train.sharding={self.cfg.train.sharding} needs DeepSpeed: pip install -e '.[deepspeed]'"
+            ) from e
+        config = deepspeed_config(self.cfg, self.dtype, grad_accum)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.model = model
+        return self.optimizer
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def forward(self, batch, last_micro_batch: bool):
+        return self.engine(batch)
+
+    def backward(self, loss: torch.Tensor, micro_batches: int) -> None:
+        self.engine.backward(loss * micro_batches)  # DeepSpeed divides by its accumulation steps
+        self.engine.step()  # called per micro-batch; DeepSpeed updates at the accumulation boundary
+
+    def clip_and_step(self, loss_value: float) -> tuple[float, bool]:
+        norm = self.engine.get_global_grad_norm()  # clipped and stepped already
+        norm = float(norm) if norm is not None else float("nan")
+        return norm, math.isfinite(loss_value) and math.isfinite(norm)
+
+
+SHARDINGS = {"none": Replicas, "fsdp": FSDP, "zero2": DeepSpeed, "zero3": DeepSpeed}
+
+
+def build_sharding(cfg: Config, env: DistEnv, dtype: torch.dtype) -> Replicas:
+    """The strategy of cfg.train.sharding (one class per way the step runs; the trainer knows only its methods)."""
+    return SHARDINGS[cfg.train.sharding](cfg, env, dtype)
 
 
 # ---- all of it, in order -------------------------------------------------------------------------------
 
 
 def prepare_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
-    """Steps 1-5 except DeepSpeed (which needs the optimizer: `apply_deepspeed` after `build_optimizer`)."""
+    """Steps 1-5 except DeepSpeed (which needs the optimizer: `DeepSpeed.wrap` after `build_optimizer`)."""
     apply_freezing(model, cfg)  # 1
     if cfg.lora.enabled:  # 2
         apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)

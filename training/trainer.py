@@ -15,9 +15,7 @@ checkpoint as the resume point.
 
 from __future__ import annotations
 
-import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,15 +33,13 @@ from training.loading import build_model, model_config
 from training.losses import TokenCounts, ce_sum, mse_sum, step_loss
 from training.memory import check_fit, estimate_for_config
 from training.metrics import MetricsLogger, peak_tflops, training_flops
-from training.optim import EMA, build_optimizer, build_scheduler, trainable_parameters
+from training.optim import EMA, build_optimizer, build_scheduler
 from training.packing import CFGDropout, PackingGeometry
 from training.parallelize import (
-    DEEPSPEED_STAGES,
     DistEnv,
     all_reduce_,
-    all_reduce_gradients,
-    apply_deepspeed,
     barrier,
+    build_sharding,
     compute_dtype,
     init_distributed,
     prepare_model,
@@ -179,9 +175,8 @@ class Trainer:
         check_fit(self.estimate, cfg, env.device)  # refuses to start when it cannot fit
 
         self.dtype = compute_dtype(cfg, env)
-        # FSDP + pretrained: a meta skeleton, filled after sharding; DeepSpeed bf16: loaded in bf16 (it casts anyway)
-        deepspeed_bf16 = cfg.train.sharding in DEEPSPEED_STAGES and self.dtype == torch.bfloat16
-        base = build_model(cfg, env.device, torch.bfloat16 if deepspeed_bf16 else torch.float32)
+        # FSDP + pretrained: a meta skeleton, filled after sharding (training.loading)
+        base = build_model(cfg, env.device, build_sharding(cfg, env, self.dtype).load_dtype())
         if cfg.model.init == "random" and env.is_main and base.vae is not None:  # exports need this VAE
             from safetensors.torch import save_file
 
@@ -208,24 +203,13 @@ class Trainer:
         self.dtype = compute_dtype(cfg, env)
         base.set_attn_backend(attention_backend(cfg, env))
         self.vae = base.vae
+        self.sharding = build_sharding(cfg, env, self.dtype)
         self.model = prepare_model(base, cfg, env)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)  # on the torch AdamW
-        self.engine = None
-        if cfg.train.sharding in DEEPSPEED_STAGES:
-            if cfg.train.export_ema:  # fail now, not after the last step
-                raise ConfigError(
-                    f"train.export_ema=true is not supported with train.sharding={cfg.train.sharding}: EMA export "
-                    "reads FSDP / single-process checkpoints; set train.export_ema=false (DeepSpeed checkpoints "
-                    "convert with DeepSpeed's zero_to_fp32.py)"
-                )
-            self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, cfg, self.dtype, self.grad_accum)
-        self.ema = EMA(self._module(), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # on the torch AdamW
+        self.optimizer = self.sharding.wrap(self.model, optimizer, self.grad_accum)
+        self.ema = EMA(self.sharding.module, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         return self
-
-    def _module(self):
-        """The model whose parameters are trained (DeepSpeed wraps it)."""
-        return self.engine.module if self.engine is not None else self.model
 
     def _resume(self) -> Path | None:
         """Load the checkpoint `run.resume` names (auto: the latest complete one); returns its path, if any."""
@@ -237,7 +221,7 @@ class Trainer:
             return None
         if not (path / ckpt.COMPLETE).is_file():
             raise ConfigError(f"run.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema, self.env, self.engine)
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema, self.env, self.sharding.engine)
         self.scheduler.load_state_dict(extra["scheduler"])
         self.state = TrainState(extra["step"], extra["nonfinite_total"], extra["nonfinite_in_a_row"], extra["data"])
         for prefetcher, data_state in zip(self.streams, extra["data"], strict=True):
@@ -245,11 +229,6 @@ class Trainer:
         return path
 
     # ---- one step -------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.dtype == torch.float32 or self.cfg.train.sharding != "none":
-            return nullcontext()  # FSDP / DeepSpeed handle bf16 themselves
-        return torch.autocast(self.env.device.type, dtype=self.dtype)
-
     def _encode_images(self, batch, seed: int) -> None:
         """VAE latents with the posterior sampled (official training), seeded per pack for reproducibility."""
         if batch.padded_images is None or self.vae is None:
@@ -266,24 +245,16 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=env.device)  # local CE, MSE sums
         for m, (pack, batch) in enumerate(zip(packs, batches, strict=True)):
             self._encode_images(batch, pack.seed)
-            last = m == len(batches) - 1
-            if cfg.train.sharding == "fsdp":
-                self.model.set_requires_gradient_sync(last)
             padding = Padding()
-            if cfg.train.sharding in DEEPSPEED_STAGES:  # every rank runs every module, in one order (training.uniform)
-                batch, padding = pad_unused_modules(batch, self.mcfg)
-            with self._autocast():
-                out = (self.engine or self.model)(batch)
+            if self.sharding.pads_packs:  # every rank runs every module, in one order (training.uniform)
+                batch, padding = pad_unused_modules(batch, self.mcfg, SpecialTokens.of(self.tokenizer))
+            out = self.sharding.forward(batch, last_micro_batch=m == len(batches) - 1)
             out, zero = strip_dummy(out, padding)
             ce, mse = ce_sum(out.ce_logits, batch.packed_label_ids), mse_sum(out.mse_pred, out.mse_target)
             loss = step_loss(ce, mse, counts, cfg.optim.ce_weight, cfg.optim.mse_weight, env.world_size)
             # nothing supervised in this pack: still join the gradient collectives
             loss = zero if loss is None else loss + zero
-            if self.engine is not None:
-                self.engine.backward(loss * len(batches))  # DeepSpeed divides by its accumulation steps
-                self.engine.step()  # called per micro-batch; DeepSpeed updates at the accumulation boundary
-            else:
-                loss.backward()
+            self.sharding.backward(loss, len(batches))
             sums += torch.stack(
                 [
                     ce.detach() if ce is not None else sums.new_zeros(()),
@@ -306,27 +277,9 @@ class Trainer:
 
     def _clip_and_step(self, loss_value: float) -> float:
         """Clip, and step optimizer + EMA when loss and grad norm are finite; returns the grad norm."""
-        cfg = self.cfg
-        if self.engine is not None:  # DeepSpeed clipped and stepped already; it cannot skip a bf16/fp32 update
-            norm = self.engine.get_global_grad_norm()
-            norm = float(norm) if norm is not None else float("nan")
-            finite = math.isfinite(loss_value) and math.isfinite(norm)
-        else:
-            params = [p for _, p in trainable_parameters(self.model)]
-            for p in params:  # a parameter no pack used gets a zero gradient (as with FSDP / DeepSpeed flat buffers):
-                if p.grad is None:  # AdamW then still applies its momentum, identically in every mode
-                    p.grad = torch.zeros_like(p)
-            if cfg.train.sharding == "none":
-                all_reduce_gradients(self.model, self.env)
-            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-            norm_t = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            norm = float(norm_t.full_tensor() if hasattr(norm_t, "full_tensor") else norm_t)
-            finite = math.isfinite(loss_value) and math.isfinite(norm)
-            if finite:
-                self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        norm, finite = self.sharding.clip_and_step(loss_value)
         if finite and self.ema is not None:
-            self.ema.update(self._module())
+            self.ema.update(self.sharding.module)
         self.scheduler.step()
         self._finite = finite
         return norm
@@ -339,7 +292,7 @@ class Trainer:
             from tqdm import tqdm
 
             progress = tqdm(total=cfg.train.steps, initial=state.step, desc="train", dynamic_ncols=True)
-        self._module().train()
+        self.sharding.module.train()
         try:
             while state.step < cfg.train.steps:
                 t0 = time.perf_counter()
@@ -441,7 +394,7 @@ class Trainer:
             meta,
             self.env,
             self.cfg.train.keep_last,
-            self.engine,
+            self.sharding.engine,
         )
 
     def export(self, out_dir: Path) -> Path | None:
