@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,9 +60,29 @@ def test_both_losses_fall(data, tmp_path):
     assert all(0 < m[s]["packing_efficiency"] <= 1 for s in m)
 
 
-def _run_cli(args, **kw):
+# `bagel-ft train` in a subprocess that SIGKILLs itself as step KILL_AT_STEP begins: the kill lands at the same
+# step on any machine (no polling, no timing)
+KILLED_AT_STEP = """
+import os, signal, sys
+from training.trainer import Trainer
+calls, step = [0], Trainer.train_step
+def train_step(self, packs):
+    calls[0] += 1
+    if calls[0] == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, packs)
+Trainer.train_step = train_step
+from commands.main import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def _run_cli(args, kill_at_step: int | None = None, **kw):
+    code = ["-c", KILLED_AT_STEP] if kill_at_step else ["-m", "training.cli"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"KILL_AT_STEP": str(kill_at_step)} if kill_at_step else {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "training.cli", str(TINY), *args],
+        [sys.executable, *code, str(TINY), *args],
+        env=env,
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -90,14 +109,10 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_pa
     ]
 
     killed = tmp_path / "killed"
-    proc = _run_cli(overrides(data, killed, *common))
-    deadline = time.time() + 600  # a guard against a hang, not a timing: loaded machines are slow
-    while time.time() < deadline and 7 not in read_metrics(killed) and proc.poll() is None:
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[0]
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert 7 in read_metrics(killed) and ckpt.latest_checkpoint(killed / "checkpoints").name == "step_00000006"
+    proc = _run_cli(overrides(data, killed, *common), kill_at_step=8)  # killed as step 8 begins
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, out
+    assert sorted(read_metrics(killed)) == list(range(1, 8)) and ckpt.latest_checkpoint(killed / "checkpoints").name == "step_00000006"
     resumed = _run_cli(overrides(data, killed, *common))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
