@@ -41,6 +41,7 @@ MODEL_STEMS = ("ema", "model")  # first one present is loaded: STEM.safetensors 
 MODEL_FILES = tuple(f"{stem}.safetensors" for stem in MODEL_STEMS)
 AE_FILE = "ae.safetensors"
 CONFIG_FILES = ("llm_config.json", "vit_config.json", "vae_config.json", "bagel_config.json")
+SHOWN_PROBLEMS = 3  # key / shape mismatches listed in the error (the count says how many in all)
 SINCOS_ATOL = 1e-2  # bf16 rounding of values in [-1, 1] is <= 2**-9; a wrong table is off by O(1)
 
 
@@ -83,10 +84,11 @@ def check_state_dict(
         elif tuple(got[key]) != tuple(shape):
             problems.append(f"shape mismatch {key}: expected {list(shape)}, got {list(got[key])}")
     problems += [f"unexpected key {key} (shape {list(got[key])})" for key in got if key not in expected]
-    if problems:
-        raise CheckpointError(
-            f"{source}: does not match the model ({len(problems)} problems):\n  " + "\n  ".join(problems)
+    if problems:  # the first few name the kind of mismatch; all of them would bury it
+        shown = problems[:SHOWN_PROBLEMS] + (
+            [f"... and {len(problems) - SHOWN_PROBLEMS} more"] if len(problems) > SHOWN_PROBLEMS else []
         )
+        raise CheckpointError(f"{source}: does not match the model ({len(problems)} problems): " + "; ".join(shown))
 
 
 def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -131,6 +133,19 @@ def _sincos_tables(model: Bagel, state: dict[str, Tensor], source: str) -> dict[
 
 
 # ---- public API -------------------------------------------------------------------------------------
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """What `load_pretrained` checks, without reading a weight: the config files, every weight file's header, the
+    keys and shapes against the config, the autoencoder file. Commands call it before hours of other work."""
+    path = Path(path)
+    config = BagelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = Bagel(config)
+    weights = model_weights(path)
+    check_state_dict(expected_shapes(model), weights.shapes, str(weights.source), optional=SINCOS_TABLE_KEYS)
+    if not (path / AE_FILE).is_file():
+        raise CheckpointError(f"{path / AE_FILE}: missing (the autoencoder of the checkpoint)")
 
 
 def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", load_vae: bool = True) -> Bagel:

@@ -73,13 +73,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
     data = copy.deepcopy(data)
     for item in overrides:
         parts, value = parse_override(item)
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
-        node[parts[-1]] = value
+        set_path(data, parts, value, where=f"override {item!r}")
     return data
+
+
+def set_path(data: dict[str, Any], parts: list[str], value: Any, where: str = "") -> None:
+    """data[a][b][c] = value for parts [a, b, c], making the sections on the way."""
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(_at(where, f"{part!r} is a value, not a section"))
+    node[parts[-1]] = value
+
+
+def field_type(cls: type, key: str) -> Any:
+    """The annotated type of the dotted field `key` of dataclass `cls` (e.g. "flow.num_timesteps" -> int)."""
+    head, _, rest = key.partition(".")
+    tp = typing.get_type_hints(cls)[head]
+    return field_type(tp, rest) if rest else tp
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -97,44 +109,51 @@ def load(cls: type, path: str | Path | None = None, overrides: list[str] | tuple
     """Defaults -> YAML file -> overrides, built into `cls` (types checked; `cls.validate()` run if it has one)."""
     data = read_yaml(path) if path else {}
     if path:
-        _build(cls, data, "", cls, str(path))  # a bad key or value in the file is named with the file
+        _build(cls, data, "", _Ctx(cls, str(path)))  # a bad key or value in the file is named with the file
     return build(cls, apply_overrides(data, overrides))
 
 
-def build(cls: type, data: Any, where: str = "") -> Any:
+def build(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
     """Dataclass `cls` from a nested mapping: defaults for absent keys, every value checked against its field's
     type and choices, unknown keys refused with suggestions; then `validate()` when `cls` has one. `where` (a
-    file name) prefixes messages."""
-    obj = _build(cls, data, "", cls, where)
+    file name) prefixes messages; `prefix` (e.g. "options.") the keys they name."""
+    obj = _build(cls, data, prefix, _Ctx(cls, where, prefix))
     validate = getattr(obj, "validate", None)
     if callable(validate):
         validate()
     return obj
 
 
-def _build(cls: type, data: Any, prefix: str, root: type, where: str) -> Any:
+@dataclasses.dataclass(frozen=True)
+class _Ctx:
+    root: type  # the dataclass being built (suggestions come from all its keys)
+    where: str = ""  # a file name, prefixed to messages
+    prefix: str = ""  # the root's own key prefix, e.g. "options."
+
+
+def _build(cls: type, data: Any, prefix: str, ctx: _Ctx) -> Any:
     here = prefix.rstrip(".") or "config"
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(_at(where, f"{here}: expected a mapping, got {data!r}"))
+        raise ConfigError(_at(ctx.where, f"{here}: expected a mapping, got {data!r}"))
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in data:
         if name not in known:
-            raise ConfigError(_at(where, unknown_key_message(f"{prefix}{name}", root, sorted(known))))
+            raise ConfigError(_at(ctx.where, unknown_key_message(f"{prefix}{name}", ctx, sorted(known))))
     kwargs = {
-        name: _coerce(hints[name], value, f"{prefix}{name}", known[name].metadata.get("choices"), root, where)
+        name: _coerce(hints[name], value, f"{prefix}{name}", known[name].metadata.get("choices"), ctx)
         for name, value in data.items()
     }
     return cls(**kwargs)
 
 
-def _coerce(tp: Any, value: Any, key: str, choices: tuple | None, root: type, where: str) -> Any:
+def _coerce(tp: Any, value: Any, key: str, choices: tuple | None, ctx: _Ctx) -> Any:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(_at(where, f"{key}: expected {expected}, got {value!r}"))
+        return ConfigError(_at(ctx.where, f"{key}: expected {expected}, got {value!r}"))
 
     if tp is Any:
         return value
@@ -143,14 +162,14 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple | None, root: type, wh
             return None
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
-            return _coerce(inner[0], value, key, choices, root, where)
+            return _coerce(inner[0], value, key, choices, ctx)
         return value
     if origin is typing.Literal:
         if value not in args:
             raise bad(f"one of {list(args)}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".", root, where)
+        return _build(tp, value, key + ".", ctx)
     if origin in (list, tuple):
         if isinstance(value, tuple):
             value = list(value)
@@ -160,13 +179,13 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple | None, root: type, wh
             if len(value) != len(args):
                 raise bad(f"a list of {len(args)} values")
             pairs = enumerate(zip(args, value, strict=True))
-            return tuple(_coerce(a, v, f"{key}[{i}]", None, root, where) for i, (a, v) in pairs)
-        items = [_coerce(args[0], v, f"{key}[{i}]", None, root, where) for i, v in enumerate(value)] if args else value
+            return tuple(_coerce(a, v, f"{key}[{i}]", None, ctx) for i, (a, v) in pairs)
+        items = [_coerce(args[0], v, f"{key}[{i}]", None, ctx) for i, v in enumerate(value)] if args else value
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise bad("a mapping")
-        return {str(k): _coerce(args[1], v, f"{key}.{k}", None, root, where) for k, v in value.items()} if args else value
+        return {str(k): _coerce(args[1], v, f"{key}.{k}", None, ctx) for k, v in value.items()} if args else value
     if tp is bool:
         if not isinstance(value, bool):
             raise bad("true/false")
@@ -210,9 +229,9 @@ def leaf_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
-def unknown_key_message(key: str, root: type, siblings: list[str]) -> str:
+def unknown_key_message(key: str, ctx: _Ctx, siblings: list[str]) -> str:
     """`train.lr: unknown key; did you mean optim.lr?` with the closest known keys of the whole config."""
-    everything = leaf_keys(root)
+    everything = leaf_keys(ctx.root, ctx.prefix)
     name = key.rsplit(".", 1)[-1]
     close = [k for k in everything if k.rsplit(".", 1)[-1] == name]  # train.lr -> optim.lr
     if not close:  # a typo: optim.lrr -> optim.lr, data.image_sise -> ...image_size

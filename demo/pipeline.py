@@ -184,9 +184,10 @@ def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
     """The inference YAML (eval's `load:` / `options:`) of every phase: the base model's flow settings
     (demo.base_model.FlowDefaults; height/width 0: the largest image the model draws, its canvas) and PSIR
     budgets that fit the data's longest trajectory, then dotted `overrides` (values parsed as YAML; eval checks the field names)."""
-    from common.config import apply_overrides
+    from common.config import apply_overrides, build
     from data_gen.config import PipelineConfig
     from demo.base_model import FlowDefaults
+    from inference.settings import GenerateOptions
 
     f = FlowDefaults()
     images = PipelineConfig().max_steps + 1  # the longest plan, and one refine
@@ -199,7 +200,9 @@ def inference_config(overrides: list[str] = ()) -> dict[str, Any]:
             "budget": {"max_images": images, "max_steps": 2 * images + 2, "max_tokens": 3072},
         }
     }  # fmt: skip
-    return apply_overrides(config, overrides)
+    config = apply_overrides(config, overrides)
+    build(GenerateOptions, config["options"], prefix="options.")  # a bad --set fails now, not in a phase
+    return config
 
 
 def shapes_eval_run(
@@ -334,7 +337,12 @@ class Demo:
     def __init__(self, settings: DemoSettings, log: Callable[[str], None] = print):
         self.s, self.log = settings, log
         self.layout = Layout(Path(settings.out))
+        from bagel_ft.checkpoint import check_checkpoint
+        from bagel_ft.tokenizer import load_tokenizer
+
         self.base = find_base(settings.base)
+        check_checkpoint(self.base)  # a corrupt or mismatched base fails now, not after the data phase
+        load_tokenizer(self.base)
         self.inference = inference_config(settings.inference_overrides)
         self.canvas = base_canvas(self.base)  # the side (px) the base draws and was trained at
         self._generators: dict[str, Any] = {}

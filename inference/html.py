@@ -71,6 +71,14 @@ def format_failure_card(failure: dict | None) -> str:
             f"<p>{html.escape(describe_failure(failure))}</p></div>")  # fmt: skip
 
 
+PAGE_TITLES = {"single": "Single-pass image", "psir": "PSIR trajectory", "scaled": "PSIR trajectory (scaled search)"}
+
+
+def page_title(traj: Trajectory) -> str:
+    """The heading by how the stream was drawn (meta["mode"] of inference.api), e.g. no "PSIR" for a single pass."""
+    return PAGE_TITLES.get(traj.meta.get("mode"), "Trajectory")
+
+
 def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: str = "") -> str:
     """The page as a string (see the module docstring)."""
 
@@ -82,7 +90,7 @@ def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: s
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>{html.escape(title or traj.prompt[:60])}</title><style>{STYLE}</style></head><body>",
-        f"<h1>{html.escape(title or 'PSIR trajectory')} <span class='meta'>{traj.id}</span></h1>",
+        f"<h1>{html.escape(title or page_title(traj))} <span class='meta'>{traj.id}</span></h1>",
         f"<div class='prompt'><b>Prompt:</b> {html.escape(traj.prompt)}</div>",
         trajectory_cards(traj, image_src, format_failure_card(failure)),
     ]

@@ -127,7 +127,7 @@ def checkpoint_options(ckpt: str | Path) -> dict[str, Any]:
     if unknown:
         raise config_io.ConfigError(f"{path}: unknown sections {sorted(unknown)}; expected options")
     options = data.get("options") or {}
-    config_io.build(GenerateOptions, options, where=f"{path}: options")  # refuse a bad file when it is read
+    config_io.build(GenerateOptions, options, where=str(path), prefix="options.")  # refuse a bad file when read
     return options
 
 
@@ -136,12 +136,12 @@ def resolve_options(ckpt: str | Path, *layers: dict[str, Any]) -> GenerateOption
     data = checkpoint_options(ckpt)
     for layer in layers:
         data = config_io.merge(data, layer)
-    return config_io.build(GenerateOptions, data, where="inference options")
+    return config_io.build(GenerateOptions, data, prefix="options.")
 
 
 def save_checkpoint_options(ckpt: str | Path, options: dict[str, Any], note: str = "") -> Path:
     """Write `ckpt/inference.yaml` ({"options": options}, checked against GenerateOptions first)."""
-    config_io.build(GenerateOptions, options, where="inference options")
+    config_io.build(GenerateOptions, options, prefix="options.")
     header = "# how this checkpoint draws by default (inference.settings.checkpoint_options)"
     text = f"{header}{'; ' + note if note else ''}\n" + yaml.safe_dump({"options": options}, sort_keys=False)
     path = Path(ckpt) / CHECKPOINT_OPTIONS

@@ -122,7 +122,7 @@ def test_every_key_problem_is_reported_at_once(tiny_copy):
 
 def test_autoencoder_is_loaded_strictly(tiny_copy):
     _rewrite(tiny_copy / "ae.safetensors", lambda s: s.pop("decoder.conv_out.bias"))
-    with pytest.raises(CheckpointError, match=r"ae\.safetensors.*\n.*missing key decoder\.conv_out\.bias"):
+    with pytest.raises(CheckpointError, match=r"ae\.safetensors.*missing key decoder\.conv_out\.bias"):
         Bagel.from_pretrained(tiny_copy)
     assert Bagel.from_pretrained(tiny_copy, load_vae=False).vae is None
     (tiny_copy / "ae.safetensors").unlink()

@@ -16,6 +16,7 @@ Exit codes: 0 done, 1 stopped (non-finite steps), 2 the user's error (a bad conf
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -24,7 +25,7 @@ from commands.options import add_set_argument
 
 def add_arguments(parser) -> None:
     parser.add_argument("config", nargs="?", help="training config YAML (configs/train/*.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides KEY=VALUE after the config (same as --set)")
+    parser.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)  # bare KEY=VALUE: the older form of --set
     add_set_argument(parser, "optim.lr=1e-4")
     parser.add_argument("--dry-run", action="store_true", help="print the per-device memory estimate and exit")
     parser.add_argument(
