@@ -23,11 +23,11 @@ VERSION = "0.1.0"  # setup.py reads it from here
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("commands.model", "build / load a model, save it, and run a packed forward pass"),
     "eval": ("eval.cli", "evaluate on GenEval | WISE | ShapesEval"),
-    "report": ("eval.report_cli", "compare eval runs in markdown + HTML"),
+    "report": ("commands.report", "compare eval runs in markdown + HTML"),
     "data": ("data_gen.cli", "synthesize training data: trajectories | critiques | alignment"),
-    "train": ("training.cli", "fine-tune a Bagel model on trajectory datasets"),
+    "train": ("commands.train", "fine-tune a Bagel model on trajectory datasets"),
     "generate": ("inference.cli", "generate images + PSIR trajectories from prompts"),
-    "demo": ("demo.cli", "run the whole system on the shapes world: data, fine-tune, PSIR, eval, report"),
+    "demo": ("commands.demo", "run the whole system on the shapes world: data, fine-tune, PSIR, eval, report"),
 }
 # what counts as the user's error: ours (UserError: ConfigError, CheckpointError, RunDirError, ...), a missing
 # or unreadable file, a bad value; `raise SystemExit("message")` in a command is one too
@@ -36,7 +36,7 @@ USER_ERRORS = (UserError, OSError, ValueError, KeyError)
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser: every subcommand is listed, but only `command`'s module is imported (start-up
-    stays fast: `bagel-ft --help` imports none, `bagel-ft train ...` imports only `training.cli`)."""
+    stays fast: `bagel-ft --help` imports none, `bagel-ft train ...` imports only `commands.train`)."""
     parser = argparse.ArgumentParser(prog="bagel-ft", description="Plan -> Sketch -> Inspect -> Refine for BAGEL models")
     parser.add_argument("--version", action="version", version=f"bagel-ft {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

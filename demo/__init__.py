@@ -3,7 +3,7 @@
   * `demo.autoencoder`  — train the tiny FLUX-style autoencoder on shapes renders; measure it with the judge.
   * `demo.base_data`    — shapes-world t2i + caption records (docs/format.md) for base pretraining.
   * `demo.base_model`   — the one command that rebuilds `checkpoints/shapes-base` end to end.
-  * `demo.cli`, `demo.pipeline`, `demo.report` — `bagel-ft demo`: data, PSIR fine-tune of the base, PSIR on
+  * `commands.demo`, `demo.pipeline`, `demo.report` — `bagel-ft demo`: data, PSIR fine-tune of the base, PSIR on
                           held-out prompts, ShapesEval base vs fine-tuned, one HTML report; resumable phases.
   * `demo.reproduce`    — the miniature reproduction: single-pass vs PSIR vs PSIR + critiques fine-tunes at
                           equal steps and tokens, ShapesEval over seeds (docs/results.md "Miniature reproduction").

@@ -120,9 +120,9 @@ def test_every_data_pipeline_help_has_a_description_and_an_example(capsys):
 
 def test_train_help_first_example_works_on_a_fresh_clone(tmp_path, monkeypatch):
     """The first two lines of `bagel-ft train --help` build the data and train on it (1 step here)."""
-    import training.cli
+    import commands.train
 
-    examples = [line.split("#")[0].split() for line in training.cli.__doc__.splitlines() if line.startswith("  ")]
+    examples = [line.split("#")[0].split() for line in commands.train.__doc__.splitlines() if line.startswith("  ")]
     data_cmd, train_cmd = examples[0], examples[1]
     assert data_cmd[:3] == ["python", "-m", "training.synthetic"] and train_cmd[:2] == ["bagel-ft", "train"]
     monkeypatch.chdir(tmp_path)

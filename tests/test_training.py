@@ -78,7 +78,7 @@ sys.exit(main(["train", *sys.argv[1:]]))
 
 
 def _run_cli(args, kill_at_step: int | None = None, **kw):
-    code = ["-c", KILLED_AT_STEP] if kill_at_step else ["-m", "training.cli"]
+    code = ["-c", KILLED_AT_STEP] if kill_at_step else ["-m", "commands.train"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), **({"KILL_AT_STEP": str(kill_at_step)} if kill_at_step else {})}
     return subprocess.Popen(
         [sys.executable, *code, str(TINY), *args],

@@ -86,7 +86,7 @@ def torchrun(data, run_dir, *extra):
         "--nproc_per_node",
         "2",
         "-m",
-        "training.cli",
+        "commands.train",
         str(TINY),
         *common(data, run_dir),
         *extra,
@@ -112,7 +112,7 @@ def torchrun_two_nodes(data, run_dir, rendezvous: str, *extra):
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *node]
-            + ["-m", "training.cli", str(TINY), *common(data, run_dir), *extra],
+            + ["-m", "commands.train", str(TINY), *common(data, run_dir), *extra],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -172,7 +172,7 @@ def test_estimate_vs_peak_rss_of_a_fresh_process(tmp_path):
 
 
 def test_recipe_dry_run_fits_8_gpus_and_refuses_one(capsys):
-    from training.cli import dry_run
+    from commands.train import dry_run
 
     cfg = load_config(RECIPE, ["model.init=random", "model.preset=bagel-7b-mot"])  # no checkpoint needed here
     assert dry_run(cfg, 8) == 0

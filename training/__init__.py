@@ -12,7 +12,7 @@ Read in this order:
   uniform      DeepSpeed: pad a pack with a dummy sample so every rank runs every module (ZeRO-2/3 collectives)
   checkpoint   sharded atomic checkpoints, keep-last-N, resume;   export  EMA -> official layout
   memory       the dry-run memory estimate and fit check;         metrics  metrics.jsonl / console / TB / W&B
-  trainer      the loop, top to bottom;                           cli      `bagel-ft train`
+  trainer      the loop, top to bottom (`bagel-ft train`: commands/train.py)
   synthetic    small synthetic trajectory tables (tests, demo, benchmark)
 Builds on `bagel_ft` only.
 """

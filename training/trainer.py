@@ -3,7 +3,7 @@
     bagel-ft train configs/train/tiny_cpu.yaml                                   # one process (CPU ok)
     bagel-ft train configs/train/tiny_cpu.yaml optim.lr=1e-3 train.steps=20      # dotted overrides
     bagel-ft train configs/train/psir_bagel7b_8xh100.yaml --dry-run             # memory estimate only
-    torchrun --nproc_per_node 8 -m training.cli configs/train/psir_bagel7b_8xh100.yaml
+    torchrun --nproc_per_node 8 -m commands.train configs/train/psir_bagel7b_8xh100.yaml
 
 One optimizer step: every rank takes `grad_accum` packs (its data streams, training.data), counts the
 supervised CE / MSE positions over all packs of all ranks, runs forward + backward per pack with the loss

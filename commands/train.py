@@ -4,9 +4,9 @@
   bagel-ft train configs/train/tiny_cpu.yaml                          # CPU, tiny model, ~1 min
   bagel-ft train configs/train/tiny_cpu.yaml --set train.steps=50 --set optim.lr=1e-3 --set run.dir=runs/try
   bagel-ft train configs/train/psir_bagel7b_8xh100.yaml --dry-run --world-size 8   # memory estimate only
-  torchrun --nproc_per_node 8 -m training.cli configs/train/psir_bagel7b_8xh100.yaml
+  torchrun --nproc_per_node 8 -m commands.train configs/train/psir_bagel7b_8xh100.yaml
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 --rdzv-id run \
-      -m training.cli configs/train/psir_bagel7b_8xh100.yaml --set train.global_batch=16    # on each node
+      -m commands.train configs/train/psir_bagel7b_8xh100.yaml --set train.global_batch=16    # on each node
   bagel-ft train RUN/config.yaml --export RUN/checkpoints/step_00010000 OUT     # EMA -> official layout
   bagel-ft train --help-config                                        # every config key with its doc
 
@@ -118,7 +118,7 @@ def host_table(cfg, mcfg, world: int, device_type: str) -> str:
     return host.table(f"host RAM per rank (checkpoint file {source}, export {export_bytes} bytes per weight)")
 
 
-if __name__ == "__main__":  # `python -m training.cli ...` (torchrun -m) == `bagel-ft train ...`
+if __name__ == "__main__":  # `python -m commands.train ...` (torchrun -m) == `bagel-ft train ...`
     from commands.main import main
 
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m demo.cli ...` == `bagel-ft demo ...`
-    _parser = argparse.ArgumentParser(
-        prog="python -m demo.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+if __name__ == "__main__":  # `python -m commands.demo ...` == `bagel-ft demo ...`
+    from commands.main import main
+
+    sys.exit(main(["demo", *sys.argv[1:]]))
