@@ -135,27 +135,28 @@ def _sincos_tables(model: Bagel, state: dict[str, Tensor], source: str) -> dict[
 # ---- public API -------------------------------------------------------------------------------------
 
 
-def check_checkpoint(path: str | Path) -> None:
-    """What `load_pretrained` checks, without reading a weight: the config files, every weight file's header, the
-    keys and shapes against the config, the autoencoder file. Commands call it before hours of other work."""
-    path = Path(path)
+def _checked_skeleton(path: Path) -> tuple[BagelConfig, Bagel, WeightFiles]:
+    """The config files, a meta-device model of them, and the weight files whose headers match it (key, shape)."""
     config = BagelConfig.from_dir(path)
     with torch.device("meta"):
         model = Bagel(config)
     weights = model_weights(path)
     check_state_dict(expected_shapes(model), weights.shapes, str(weights.source), optional=SINCOS_TABLE_KEYS)
-    if not (path / AE_FILE).is_file():
-        raise CheckpointError(f"{path / AE_FILE}: missing (the autoencoder of the checkpoint)")
+    return config, model, weights
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """What `load_pretrained` checks, without reading a weight: the config files, every weight file's header, the
+    keys and shapes against the config, the autoencoder file. Commands call it before hours of other work."""
+    _checked_skeleton(Path(path))
+    if not (Path(path) / AE_FILE).is_file():
+        raise CheckpointError(f"{Path(path) / AE_FILE}: missing (the autoencoder of the checkpoint)")
 
 
 def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", load_vae: bool = True) -> Bagel:
     """Build a Bagel from a checkpoint directory, strictly; attach its autoencoder when `load_vae`."""
     path = Path(path)
-    config = BagelConfig.from_dir(path)
-    with torch.device("meta"):
-        model = Bagel(config)
-    weights = model_weights(path)
-    check_state_dict(expected_shapes(model), weights.shapes, str(weights.source), optional=SINCOS_TABLE_KEYS)
+    config, model, weights = _checked_skeleton(path)
     state = _read_all(weights, dtype, device)
     for key, table in _sincos_tables(model, state, str(weights.source)).items():
         state[key] = table.to(device=device, dtype=dtype)

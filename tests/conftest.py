@@ -44,3 +44,19 @@ def tiny_model(tiny_dir):
     from bagel_ft.modeling import Bagel
 
     return Bagel.from_pretrained(tiny_dir).eval()
+
+
+def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A random tiny Bagel (+ autoencoder, byte tokenizer) saved as a checkpoint directory."""
+    import torch
+
+    from bagel_ft.autoencoder import AutoEncoder
+    from bagel_ft.config import BagelConfig
+    from bagel_ft.modeling import Bagel
+    from bagel_ft.tokenizer import ByteTokenizer
+
+    torch.manual_seed(seed)
+    cfg = BagelConfig.preset("tiny")
+    Bagel(cfg).attach_vae(AutoEncoder(cfg.vae)).save_pretrained(path)
+    ByteTokenizer().save_pretrained(path)
+    return path

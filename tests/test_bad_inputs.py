@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_checkpoint
 
 from commands.main import main
 
@@ -29,16 +29,7 @@ def one_clear_line(capsys, *needles: str) -> str:
 @pytest.fixture(scope="module")
 def corrupt_ckpt(tmp_path_factory):
     """A tiny checkpoint (configs, byte tokenizer, autoencoder) whose weights file was cut in half."""
-    from bagel_ft.autoencoder import AutoEncoder
-    from bagel_ft.config import BagelConfig
-    from bagel_ft.modeling import Bagel
-    from bagel_ft.tokenizer import ByteTokenizer
-
-    path = tmp_path_factory.mktemp("corrupt") / "ckpt"
-    torch.manual_seed(0)
-    cfg = BagelConfig.preset("tiny")
-    Bagel(cfg).attach_vae(AutoEncoder(cfg.vae)).save_pretrained(path)
-    ByteTokenizer().save_pretrained(path)
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("corrupt") / "ckpt")
     weights = path / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return path
@@ -59,17 +50,9 @@ def test_a_corrupt_checkpoint_is_one_line(corrupt_ckpt, command, tmp_path, capsy
     one_clear_line(capsys, f"bagel-ft {command[0]}: error:", "ema.safetensors", "truncated or corrupt")
 
 
-def test_a_mismatched_checkpoint_is_named_before_any_work(corrupt_ckpt, tmp_path, capsys):
+def test_a_mismatched_checkpoint_is_named_before_any_work(tmp_path, capsys):
     """The demo checks its base before the data phase: a config that does not match the weights."""
-    from bagel_ft.autoencoder import AutoEncoder
-    from bagel_ft.config import BagelConfig
-    from bagel_ft.modeling import Bagel
-    from bagel_ft.tokenizer import ByteTokenizer
-
-    cfg = BagelConfig.preset("tiny")
-    ckpt = tmp_path / "ckpt"
-    Bagel(cfg).attach_vae(AutoEncoder(cfg.vae)).save_pretrained(ckpt)
-    ByteTokenizer().save_pretrained(ckpt)
+    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
     llm = json.loads((ckpt / "llm_config.json").read_text())
     (ckpt / "llm_config.json").write_text(json.dumps({**llm, "num_hidden_layers": 3}))
     assert main(["demo", "--base", str(ckpt), "--out", str(tmp_path / "demo"), "--quiet"]) == 2

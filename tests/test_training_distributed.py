@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_checkpoint
 
-from bagel_ft.autoencoder import AutoEncoder
-from bagel_ft.config import BagelConfig
 from bagel_ft.modeling import Bagel
 from training import checkpoint as ckpt
 from training.config import load_config
@@ -133,12 +132,7 @@ def torchrun_two_nodes(data, run_dir, rendezvous: str, *extra):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """The `single` run's initial weights (model.init=random, run.seed 0) saved as a checkpoint directory."""
-    path = tmp_path_factory.mktemp("pretrained") / "tiny"
-    torch.manual_seed(0)
-    cfg = BagelConfig.preset("tiny")
-    Bagel(cfg).attach_vae(AutoEncoder(cfg.vae)).save_pretrained(path)
-    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BagelByteTokenizer"}))
-    return path
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("pretrained") / "tiny")
 
 
 def assert_match(single, multi, rel=1e-4, steps=range(1, STEPS + 1)):
