@@ -6,11 +6,22 @@ Script: {key: [fault, fault, ...]} where key is the text of a request's first us
 and each request with that key takes the next fault; when the list is used up the request is answered
 normally ("ok"). Faults:
   "429", "500", any HTTP status   an error with an OpenAI-style body (Retry-After: 0 on 429)
+  "429@S"       a 429 with Retry-After: S seconds
+  "quota"       a 429 whose error code is insufficient_quota (the account's quota is used up)
   "timeout"     sleep `timeout_sleep` seconds before answering, past the client's timeout
+  "cutoff"      200 announcing the whole body (Content-Length), half of it sent, connection closed
+  "cutoff_eof"  200 without Content-Length, half the body sent, connection closed (the body ends early)
+  "reset"       the connection reset (RST) instead of an answer
   "malformed"   200 with content that is not JSON
   any name in `replies`   200 with that content (e.g. a schema-violating scene graph)
-Every request is logged (key, fault, sha256 of the body). At most `max_requests` are answered; later ones
-get HTTP 400 and set `overflow`. `delay` slows every answer (to kill a run midway).
+`rates` ({fault: probability}, seeded by `seed`) adds random faults to requests the script says nothing
+about (benchmarks/data_synthesis.py). `requests_per_s` rate-limits like a provider: a token bucket of
+that rate (burst: one second's worth); a request finding it empty gets "429@1".
+
+Every request is logged (key, fault, sha256 of the body, arrival time). At most `max_requests` are
+answered; later ones get HTTP 400 and set `overflow`. `delay` slows every answer with a body (a model's
+latency; 429s are immediate, as a provider's are). `in_flight_seconds()` integrates the requests being
+handled over time (requests in flight, seen by the server). HTTP/1.1 with keep-alive, as providers serve.
 
 `shapes_answer` answers like a perfect model of the shapes world: scene graphs by parsing the prompt,
 judgements by running the pixel judge on the image the request carries.
@@ -20,6 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -47,14 +61,21 @@ class FakeOpenAIServer:
         max_requests: int = 2000,
         json_schema_supported: bool = True,
         delay: float = 0.0,
+        rates: dict[str, float] | None = None,
+        seed: int = 0,
+        requests_per_s: float | None = None,
     ):
         self.answer, self.key, self.timeout_sleep, self.delay = answer, key, timeout_sleep, delay
         self.script = {k: list(v) for k, v in (script or {}).items()}
         self.replies = {"malformed": MALFORMED, **(replies or {})}
         self.max_requests, self.json_schema_supported = max_requests, json_schema_supported
+        self.rates, self._rng = dict(rates or {}), random.Random(seed)
+        self.requests_per_s = requests_per_s
+        self._bucket, self._bucket_t = requests_per_s or 0.0, time.monotonic()
         self.log: list[dict] = []
         self.overflow = False
         self._lock = threading.Lock()
+        self._active, self._active_s, self._active_t = 0, 0.0, time.monotonic()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -78,6 +99,22 @@ class FakeOpenAIServer:
             counts[entry["fault"]] = counts.get(entry["fault"], 0) + 1
         return counts
 
+    def in_flight_seconds(self) -> float:
+        """The integral over time of the requests being handled (request-seconds)."""
+        with self._lock:
+            self._tick()
+            return self._active_s
+
+    def _tick(self) -> None:  # under the lock
+        now = time.monotonic()
+        self._active_s += self._active * (now - self._active_t)
+        self._active_t = now
+
+    def _handling(self, delta: int) -> None:
+        with self._lock:
+            self._tick()
+            self._active += delta
+
     def _next_fault(self, body: dict, raw: bytes) -> str:
         key = self.key(body)
         fmt = (body.get("response_format") or {}).get("type")
@@ -86,18 +123,62 @@ class FakeOpenAIServer:
                 self.overflow, fault = True, "overflow"
             elif fmt == "json_schema" and not self.json_schema_supported:
                 fault = "no_json_schema"  # the scripted fault waits for the client's json_object retry
+            elif self.script.get(key):
+                fault = self.script[key].pop(0)
+            elif self.requests_per_s is not None and not self._take_token():
+                fault = "429@1"
             else:
-                queue = self.script.get(key)
-                fault = queue.pop(0) if queue else "ok"
-            self.log.append({"key": key, "fault": fault, "sha": hashlib.sha256(raw).hexdigest(), "format": fmt})
+                fault = self._random_fault()
+            entry = {"key": key, "fault": fault, "sha": hashlib.sha256(raw).hexdigest(), "format": fmt}
+            self.log.append({**entry, "t": time.monotonic()})
         return fault
+
+    def _take_token(self) -> bool:  # under the lock
+        now = time.monotonic()
+        rate = self.requests_per_s
+        self._bucket = min(rate, self._bucket + (now - self._bucket_t) * rate)
+        self._bucket_t = now
+        if self._bucket >= 1.0:
+            self._bucket -= 1.0
+            return True
+        return False
+
+    def _random_fault(self) -> str:  # under the lock
+        u = self._rng.random()
+        for fault, p in self.rates.items():
+            if u < p:
+                return fault
+            u -= p
+        return "ok"
 
     def _handler(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length unless cut off
+
             def log_message(self, *args):  # keep test output clean
                 pass
+
+            def _cut_off(self, data: bytes, announce_length: bool) -> None:
+                """Half of a 200's body, then the connection closes."""
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if announce_length:
+                    self.send_header("Content-Length", str(len(data)))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+
+            def _reset(self) -> None:
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.rfile.close()  # its reference keeps the socket open otherwise
+                self.connection.close()  # with linger 0: a reset (RST), not a FIN
 
             def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
                 data = json.dumps(payload).encode()
@@ -116,6 +197,13 @@ class FakeOpenAIServer:
                 self._send(status, {"error": {"message": message, "type": "fake", "code": status}}, headers)
 
             def do_POST(self):
+                server._handling(+1)
+                try:
+                    self._answer()
+                finally:
+                    server._handling(-1)
+
+            def _answer(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if not self.path.endswith("/chat/completions"):
                     return self._error(404, f"no route {self.path}")
@@ -125,7 +213,17 @@ class FakeOpenAIServer:
                     return self._error(400, "fake server: request budget exhausted")
                 if fault == "no_json_schema":
                     return self._error(400, "response_format json_schema is not supported by this server")
+                if fault.startswith("429@"):
+                    return self._error(429, "fake rate limit", {"Retry-After": fault[4:]})
+                if fault == "quota":
+                    return self._send(
+                        429, {"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}
+                    )
+                if fault == "reset":
+                    return self._reset()
                 if fault.isdigit():  # "429", "500", "401", ...
+                    if fault != "429":
+                        time.sleep(server.delay)  # a server error after the work
                     return self._error(
                         int(fault), f"fake HTTP {fault}", {"Retry-After": "0"} if fault == "429" else None
                     )
@@ -134,20 +232,20 @@ class FakeOpenAIServer:
                 if fault == "timeout":
                     time.sleep(server.timeout_sleep)
                     return self._error(500, "late")
-                content = server.replies[fault] if fault != "ok" else server.answer(body)
-                self._send(
-                    200,
-                    {
-                        "id": "chatcmpl-fake",
-                        "object": "chat.completion",
-                        "created": int(time.time()),
-                        "model": body.get("model", "fake"),
-                        "choices": [
-                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
-                        ],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                    },
-                )
+                content = server.replies[fault] if fault in server.replies else server.answer(body)
+                reply = {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "fake"),
+                    "choices": [
+                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
+                    ],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                }
+                if fault in ("cutoff", "cutoff_eof"):
+                    return self._cut_off(json.dumps(reply).encode(), announce_length=fault == "cutoff")
+                self._send(200, reply)
 
         return Handler
 
