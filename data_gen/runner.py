@@ -73,6 +73,7 @@ class RunResult:
     cache: dict = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early: "interrupted" (SIGINT), "terminated" (SIGTERM), "budget: ..."
     spent: dict = field(default_factory=dict)  # every run of the shard: requests, prompt/completion tokens
+    in_flight: dict = field(default_factory=dict)  # requests in flight: {"mean", "mean_allowed"} (with an endpoint)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------
@@ -303,11 +304,13 @@ async def run_pipeline(
     for entry in out.chunks.values():
         total.add(entry["counters"])
     result = RunResult(complete, total, budget.this_run, cache.stats(), run.stopped, out.spent())
-    extra: dict[str, Any] = {"pipeline": name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
-    extra |= {"backends": backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
     if backends.client is not None:
         in_flight, allowed = backends.client.limit.means()
-        extra["requests_in_flight"] = {"mean": round(in_flight, 2), "mean_allowed": round(allowed, 2)}
+        result.in_flight = {"mean": round(in_flight, 2), "mean_allowed": round(allowed, 2)}
+    extra: dict[str, Any] = {"pipeline": name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
+    extra |= {"backends": backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
+    if result.in_flight:
+        extra["requests_in_flight"] = result.in_flight
     print(report(out_dir / f"summary-{out.tag}.json", total, budget.this_run, result.cache, extra), flush=True)
     cache.close()
     out.close()

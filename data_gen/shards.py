@@ -295,6 +295,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     db = connect(path)
     try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks'").fetchone():
+            return {"chunks": {}}  # just created by a run that has not written its tables yet
         data = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         data["chunks"] = _read_chunks(db)
     finally:

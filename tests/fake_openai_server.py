@@ -16,12 +16,13 @@ normally ("ok"). Faults:
   any name in `replies`   200 with that content (e.g. a schema-violating scene graph)
 `rates` ({fault: probability}, seeded by `seed`) adds random faults to requests the script says nothing
 about (benchmarks/data_synthesis.py). `requests_per_s` rate-limits like a provider: a token bucket of
-that rate (burst: one second's worth); a request finding it empty gets "429@1".
+that rate holding `burst` requests; a request finding it empty gets a 429 with Retry-After 1/rate.
 
 Every request is logged (key, fault, sha256 of the body, arrival time). At most `max_requests` are
 answered; later ones get HTTP 400 and set `overflow`. `delay` slows every answer with a body (a model's
-latency; 429s are immediate, as a provider's are). `in_flight_seconds()` integrates the requests being
-handled over time (requests in flight, seen by the server). HTTP/1.1 with keep-alive, as providers serve.
+latency; 429s are immediate, as a provider's are). `mean_in_flight(t0, t1)`: the requests being handled,
+averaged over that span (requests in flight as the server sees them). HTTP/1.1 with keep-alive, as
+providers serve.
 
 `shapes_answer` answers like a perfect model of the shapes world: scene graphs by parsing the prompt,
 judgements by running the pixel judge on the image the request carries.
@@ -64,6 +65,7 @@ class FakeOpenAIServer:
         rates: dict[str, float] | None = None,
         seed: int = 0,
         requests_per_s: float | None = None,
+        burst: float = 1.0,
     ):
         self.answer, self.key, self.timeout_sleep, self.delay = answer, key, timeout_sleep, delay
         self.script = {k: list(v) for k, v in (script or {}).items()}
@@ -71,11 +73,12 @@ class FakeOpenAIServer:
         self.max_requests, self.json_schema_supported = max_requests, json_schema_supported
         self.rates, self._rng = dict(rates or {}), random.Random(seed)
         self.requests_per_s = requests_per_s
-        self._bucket, self._bucket_t = requests_per_s or 0.0, time.monotonic()
+        self.burst = burst
+        self._bucket, self._bucket_t = burst, time.monotonic()
         self.log: list[dict] = []
         self.overflow = False
         self._lock = threading.Lock()
-        self._active, self._active_s, self._active_t = 0, 0.0, time.monotonic()
+        self.events: list[tuple[float, int]] = [(time.monotonic(), 0)]  # (time, requests being handled from then)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -99,21 +102,18 @@ class FakeOpenAIServer:
             counts[entry["fault"]] = counts.get(entry["fault"], 0) + 1
         return counts
 
-    def in_flight_seconds(self) -> float:
-        """The integral over time of the requests being handled (request-seconds)."""
+    def mean_in_flight(self, t0: float, t1: float) -> float:
+        """Requests being handled, averaged over [t0, t1] (time.monotonic() seconds)."""
         with self._lock:
-            self._tick()
-            return self._active_s
-
-    def _tick(self) -> None:  # under the lock
-        now = time.monotonic()
-        self._active_s += self._active * (now - self._active_t)
-        self._active_t = now
+            events = list(self.events)
+        total = 0.0
+        for (t, n), (t_next, _) in zip(events, [*events[1:], (t1, 0)], strict=True):
+            total += n * max(0.0, min(t_next, t1) - max(t, t0))
+        return total / (t1 - t0)
 
     def _handling(self, delta: int) -> None:
         with self._lock:
-            self._tick()
-            self._active += delta
+            self.events.append((time.monotonic(), self.events[-1][1] + delta))
 
     def _next_fault(self, body: dict, raw: bytes) -> str:
         key = self.key(body)
@@ -126,7 +126,7 @@ class FakeOpenAIServer:
             elif self.script.get(key):
                 fault = self.script[key].pop(0)
             elif self.requests_per_s is not None and not self._take_token():
-                fault = "429@1"
+                fault = f"429@{1 / self.requests_per_s:.3f}"
             else:
                 fault = self._random_fault()
             entry = {"key": key, "fault": fault, "sha": hashlib.sha256(raw).hexdigest(), "format": fmt}
@@ -136,7 +136,7 @@ class FakeOpenAIServer:
     def _take_token(self) -> bool:  # under the lock
         now = time.monotonic()
         rate = self.requests_per_s
-        self._bucket = min(rate, self._bucket + (now - self._bucket_t) * rate)
+        self._bucket = min(self.burst, self._bucket + (now - self._bucket_t) * rate)
         self._bucket_t = now
         if self._bucket >= 1.0:
             self._bucket -= 1.0

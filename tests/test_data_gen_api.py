@@ -119,6 +119,13 @@ def test_bad_credentials_stop_the_run(tmp_path, key):
         assert len(server.log) <= 4  # no retries of a 401: at most the requests already in flight
 
 
+def test_a_used_up_quota_stops_the_run(tmp_path, key):
+    with FakeOpenAIServer(shapes_answer, {p: ["quota"] for p in PROMPTS}) as server:
+        with pytest.raises(FatalError, match="quota is used up"):
+            run(api_config(server, tmp_path), tmp_path / "out")
+        assert len(server.log) <= 4  # a 429 that no wait can fix is not retried
+
+
 def test_missing_key_env_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     with FakeOpenAIServer(shapes_answer) as server, pytest.raises(ValueError, match=KEY_ENV):
