@@ -176,7 +176,7 @@ class ShardRun:
                     with scoped(chunk.counters):  # the item's task inherits the scope
                         task = asyncio.create_task(self._item(chunk, k, item))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._task_done)
                 if self.stopped:
                     break
             while self._tasks:  # the items under way end (quickly after a stop)
@@ -190,6 +190,12 @@ class ShardRun:
             backoff_hook.reset(hook)
         if self.fatal is not None:
             raise self.fatal
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self.fatal is None:
+            self.fatal = task.exception()  # writing a chunk failed (a full disk, ...): stop, and raise it
+            self.stop("error")
 
     async def _item(self, chunk: OpenChunk, k: int, item: Item) -> None:
         rows, ended = None, True  # ended: as records, a rejection or a failure (not stopped midway)

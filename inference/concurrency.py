@@ -1,8 +1,8 @@
 """How many requests an endpoint client keeps in flight: a limit that adapts to the server's rate limiting.
 
 AIMD, as TCP does with congestion, but reacting to *sustained* rate limiting only:
-* additive increase: every reply that is not a 429 raises the limit by 1/limit (about +1 per round trip),
-  up to the configured concurrency;
+* additive increase: every successful reply raises the limit by 1/limit (about +1 per round trip), up to
+  the configured concurrency (other faults leave it alone);
 * multiplicative decrease: a 429 lowers it by `DECREASE` when 429s make up more than `RATE_LIMITED_SHARE`
   of recent replies (an average over about two round trips of replies), at most once per round trip.
 A few percent of 429s (a provider's noise) leave the limit where it is — each such request waits its own
@@ -80,18 +80,22 @@ class AdaptiveLimit:
                 waiter.set_result(None)
 
     # ---- adapting ------------------------------------------------------------------------------------------
-    def record(self, rate_limited: bool, seconds: float) -> None:
-        """The outcome of one request: a 429 or not, and how long it took."""
+    def record(self, outcome: str, seconds: float) -> None:
+        """The outcome of one request ("ok", "rate_limited" or any other fault) and how long it took."""
         self._tick()
         weight = 1.0 / (2 * self.allowed)  # averages over about two round trips of replies
+        rate_limited = outcome == "rate_limited"
         self.rate_limited_share += weight * (float(rate_limited) - self.rate_limited_share)
-        if not rate_limited:
+        if outcome == "ok":
             self.round_trip_s += 0.1 * (seconds - self.round_trip_s) if self.round_trip_s else seconds
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
             self._wake()
-            return
         now = time.monotonic()
-        if self.rate_limited_share > RATE_LIMITED_SHARE and now - self._last_decrease >= self.round_trip_s:
+        if (
+            rate_limited
+            and self.rate_limited_share > RATE_LIMITED_SHARE
+            and now - self._last_decrease >= self.round_trip_s
+        ):
             self.limit = max(float(self.minimum), self.limit * DECREASE)
             self._last_decrease = now
 

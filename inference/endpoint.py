@@ -347,10 +347,10 @@ class ChatClient:
                 started = time.monotonic()
                 try:
                     resp = await self._post(kwargs)
-                    self.limit.record(False, time.monotonic() - started)
+                    self.limit.record("ok", time.monotonic() - started)
                     return resp
                 except openai.APIStatusError as e:
-                    self.limit.record(e.status_code == 429, time.monotonic() - started)
+                    self.limit.record("rate_limited" if e.status_code == 429 else "error", time.monotonic() - started)
                     reason = self._status_reason(e, schema is not None and mode == "json_schema")
                     if reason is None:  # switched to json_object mode: ask again at once
                         continue
@@ -359,7 +359,7 @@ class ChatClient:
                     reason = transport_reason(e)
                     if reason is None:
                         raise
-                    self.limit.record(False, time.monotonic() - started)
+                    self.limit.record(reason, time.monotonic() - started)
             try:
                 seconds = attempts.wait(reason, wait_at_least)
             except GiveUp as e:

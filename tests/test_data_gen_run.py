@@ -4,6 +4,7 @@ cleanly and resume, progress lines without a terminal. Ctrl-C and SIGKILL: tests
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -106,3 +107,32 @@ def test_progress_lines_without_a_terminal(tmp_path, capsys):
     )
     done = [int(m.group(1)) for m in map(re.compile(pattern).match, lines) if m]
     assert len(done) >= 3 and done[-1] == 16 and done == sorted(done)  # lines during the run, and a last one
+
+
+@pytest.mark.timeout(60)
+def test_a_prompt_rate_limited_past_its_patience_fails_and_a_rerun_retries_it(tmp_path):
+    script = {PROMPTS[0]: ["429@0.2"] * 8}  # more than 0.5 s of Retry-After
+    with FakeOpenAIServer(shapes_answer, script) as server:
+        cfg = api_config(server, tmp_path, **{"endpoint.rate_limit_wait_s": 0.5})
+        first = run(cfg, tmp_path / "out", prompts=PROMPTS[:4])
+        assert first.total.failed == {"rate_limited": 1} and not first.complete
+        assert len(server.log) == 3 + 3  # 2 waits of 0.2 s fit in 0.5 s: 3 tries; the 3 other prompts
+        again = run(cfg, tmp_path / "out", prompts=PROMPTS[:4])  # the re-run tries again (5 429s left)
+        assert again.complete is False and len(server.log) == 6 + 3
+        third = run(cfg, tmp_path / "out", prompts=PROMPTS[:4])
+    assert third.complete and third.total.kept == 4
+
+
+def test_a_chunk_that_cannot_be_written_stops_the_run_with_its_error(tmp_path, monkeypatch):
+    from data_gen import trajectories
+    from data_gen.config import load_config
+    from data_gen.runner import run_pipeline
+    from data_gen.shards import ShardOutput
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ShardOutput, "write_chunk", disk_full)
+    cfg = load_config(None, ["pipeline.chunk_size=2"])  # the offline shapes world
+    with pytest.raises(OSError, match="No space left"):
+        asyncio.run(run_pipeline(trajectories.NAME, trajectories.build, cfg, PROMPTS[:6], tmp_path / "out"))

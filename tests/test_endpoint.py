@@ -87,7 +87,7 @@ def test_concurrency_limit_backs_off_on_sustained_429s_only_and_recovers():
         limit, rng, seen = AdaptiveLimit(32), random.Random(0), []
         for share in (0.1, 0.5, 0.0):  # sporadic 429s, sustained rate limiting, none
             for _ in range(2000):
-                limit.record(rng.random() < share, 0.0)
+                limit.record("rate_limited" if rng.random() < share else "ok", 0.0)
             seen.append(limit.allowed)
         return seen
 
