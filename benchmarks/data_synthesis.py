@@ -5,21 +5,25 @@ The server is the tests' fake (tests/fake_openai_server.py) on 127.0.0.1, answer
 seconds (a sleeping thread per request: latency-bound, not CPU-bound, so a shared machine measures the
 client, not the server): scene graphs for the extractor, "consistent" for the VLM judge. Each scenario runs
 the real CLI as a user would (`python -m data_gen.cli trajectories`, LLM extractor + VLM judge, 64 px shapes
-editor, concurrency `--concurrency`) in a process of its own, re-runs it until its shard is complete (and
-once more when replies were rejected invalid: a re-run asks again), and compares:
-  in flight / allowed    requests being handled by the server, averaged over the first run (first request to
-                         last reply), divided by the concurrency; "to last start": until the last prompt's
-                         first request (after it the queue is empty and the run drains)
+editor, concurrency `--concurrency`; `--code DIR`: another checkout's CLI, e.g. a baseline) in a process of
+its own, re-runs it until its shard is complete (and once more when replies were rejected invalid: a re-run
+asks again), and compares:
+  in flight / allowed    server: requests being handled by the server, averaged over the first run (first
+                         request to last reply), divided by the concurrency; "to last start": until the last
+                         prompt's first request (after it the queue is empty and the run drains). client: the
+                         client's own count (a slot held from sending to the parsed reply), whole run
   limit                  the client's mean allowed concurrency (AIMD lowers it under sustained 429s)
   req/s / ideal          requests per second of the first run, and its ratio to concurrency / latency (or to
                          the server's rate limit, when lower)
   records                vs the fault-free scenario: lost / duplicated / different, after all the runs
   repeated               requests sent again after the server had answered them in full (a billed call paid
-                         twice); with SIGKILL only the ones in flight at the kill can be
+                         twice), counted once each; with SIGKILL only the ones in flight at the kill can be
 The fault-free scenario runs first and is the reference for the others.
 
     OMP_NUM_THREADS=1 python benchmarks/data_synthesis.py                      # the table in docs/benchmarks.md
     OMP_NUM_THREADS=1 python benchmarks/data_synthesis.py --prompts 120 --latency 0.2 --only 0,1   # quick look
+    git archive <commit> | tar -x -C /tmp/base       # the same rows for an earlier version, as a baseline:
+    OMP_NUM_THREADS=1 python benchmarks/data_synthesis.py --only 1 --code /tmp/base
 """
 
 from __future__ import annotations
@@ -70,13 +74,14 @@ def answer(body: dict) -> str:
     return json.dumps(scene_graph_reply(first_user_text(body)))
 
 
-def write_config(path: Path, url: str, concurrency: int) -> None:
+def write_config(path: Path, url: str, concurrency: int, code: Path) -> None:
     config = {
         "endpoint": {"base_url": url, "model": "fake-gpt", "api_key_env": "", "concurrency": concurrency},
         "backends": {"extractor": "llm", "judge": "vlm"},
         "pipeline": {"min_steps": 1, "image_size": 64},
-        "run": {"prices": {"fake-gpt": {"prompt": 2.5, "completion": 10.0}}, "progress_every_s": 15},
     }
+    if "class RunConfig" in (code / "data_gen" / "config.py").read_text():  # not in a baseline before it
+        config["run"] = {"prices": {"fake-gpt": {"prompt": 2.5, "completion": 10.0}}, "progress_every_s": 15}
     path.write_text(yaml.safe_dump(config))
 
 
@@ -86,14 +91,14 @@ def chunks(out: Path) -> tuple[int, bool]:
         m = read_manifests(out, allow_partial=True)[0]
     except FileNotFoundError:
         return 0, False
-    return len(m["chunks"]), bool(m.get("complete")) and all(c["retry"] == 0 for c in m["chunks"].values())
+    return len(m["chunks"]), bool(m.get("complete")) and all(c.get("retry", 0) == 0 for c in m["chunks"].values())
 
 
 def run_cli(args, out: Path, prompts: Path, config: Path, log, sig=None, at_chunks: int = 0) -> int:
     cmd = [sys.executable, "-m", "data_gen.cli", "trajectories", "--out", str(out), "--prompts", str(prompts)]
     cmd += ["--config", str(config), "--concurrency", str(args.concurrency)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "PYTHONPATH": str(args.code), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)
     if sig is not None:
         while chunks(out)[0] < at_chunks and proc.poll() is None:
             time.sleep(0.05)
@@ -114,7 +119,7 @@ def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[s
     server.requests_per_s = limit_share * ideal if limit_share else None
     server.burst = max(1.0, 0.1 * (server.requests_per_s or 0))
     out, config, prompt_file = work / f"s{k}", work / f"s{k}.yaml", work / "prompts.txt"
-    write_config(config, server.url, args.concurrency)
+    write_config(config, server.url, args.concurrency, args.code)
     start = len(server.log)
     with open(work / f"s{k}.log", "w") as log:
         at = max(1, int(0.4 * -(-len(prompts) // 64)))  # 40% of the 64-prompt chunks
@@ -130,9 +135,10 @@ def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[s
     for e in first:
         asked.setdefault(e["key"], e["t"])
     last_start = max(asked.get(p, t0) for p in prompts)
-    answered, repeated = set(), 0
+    answered, repeated = set(), set()  # request bodies answered in full; those sent again after it
     for e in every:
-        repeated += e["sha"] in answered
+        if e["sha"] in answered:
+            repeated.add(e["sha"])
         if e["fault"] == "ok":
             answered.add(e["sha"])
     got, rows = records(out)
@@ -142,6 +148,7 @@ def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[s
         "in_flight": server.mean_in_flight(t0, t_end) / args.concurrency,
         "in_flight_to_last_start": server.mean_in_flight(t0, last_start) / args.concurrency,
         "limit": first_summary.get("requests_in_flight", {}).get("mean_allowed"),
+        "client_in_flight": first_summary.get("requests_in_flight", {}).get("mean"),
         "req_s": len(first) / (t_end - t0),
         "ideal": min(ideal, server.requests_per_s or ideal),
         "requests": len(every),
@@ -150,7 +157,7 @@ def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[s
         "retry_reasons": first_summary["this_run"]["retries"] if first_summary else None,
         "records": len(got),
         "failed": sum(json.loads(summary_path.read_text())["total"]["failed"].values()),
-        "repeated": repeated,
+        "repeated": len(repeated),
         "first_run_s": t_end - t0,
     }
     if reference is not None:
@@ -167,6 +174,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument(
         "--only", default="", help="comma-separated scenario rows to run (row 0, the reference, always)"
+    )
+    parser.add_argument(
+        "--code", type=Path, default=REPO, help="the checkout whose CLI runs (e.g. `git archive` of a baseline)"
     )
     args = parser.parse_args()
     chosen = sorted({0, *(int(x) for x in args.only.split(",") if x)}) if args.only else range(len(SCENARIOS))
@@ -187,21 +197,24 @@ def main() -> None:
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = cpu.ru_utime + cpu.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime
     print(
-        f"\n{args.prompts} prompts, latency {args.latency} s, concurrency {args.concurrency}; {os.cpu_count()} cores, "
+        f"\n{args.code}: {args.prompts} prompts, latency {args.latency} s, concurrency {args.concurrency}; "
+        f"{os.cpu_count()} cores, "
         f"load average {load_before[0]:.1f} before / {os.getloadavg()[0]:.1f} after; the client processes used "
         f"{client_cpu:.0f} CPU s in {time.time() - t_start:.0f} s\n"
     )
     print(
-        "| scenario | in flight ÷ allowed (to last start) | mean limit | requests/s (÷ ideal) | requests (faults) "
-        "| retries, 1st run | records: lost / extra / different | failed | repeated answered calls | exit codes |"
+        "| scenario | in flight ÷ allowed: server (to last start) | client | mean limit | requests/s (÷ ideal) "
+        "| requests (faults) | retries, 1st run | records: lost / extra / different | failed | repeated answered calls "
+        "| exit codes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         diff = "reference" if "lost" not in r else f"{r['lost']} / {r['extra']} / {r['different']}"
         limit = "-" if r["limit"] is None else f"{r['limit']:.1f}"
+        client = "-" if r["client_in_flight"] is None else f"{r['client_in_flight'] / args.concurrency:.1%}"
         retries = "-" if r["retries"] is None else r["retries"]
         print(
-            f"| {r['scenario']} | {r['in_flight']:.1%} ({r['in_flight_to_last_start']:.1%}) | {limit} "
+            f"| {r['scenario']} | {r['in_flight']:.1%} ({r['in_flight_to_last_start']:.1%}) | {client} | {limit} "
             f"| {r['req_s']:.1f} ({r['req_s'] / r['ideal']:.2f}) | {r['requests']} ({r['faults']}) | {retries} "
             f"| {r['records']}: {diff} | {r['failed']} | {r['repeated']} | {' '.join(map(str, r['codes']))} |"
         )

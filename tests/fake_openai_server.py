@@ -51,6 +51,10 @@ def first_user_text(body: dict) -> str:
     return ""
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: 5 by default, too few for 32 connections opened at once
+
+
 class FakeOpenAIServer:
     def __init__(
         self,
@@ -79,7 +83,7 @@ class FakeOpenAIServer:
         self.overflow = False
         self._lock = threading.Lock()
         self.events: list[tuple[float, int]] = [(time.monotonic(), 0)]  # (time, requests being handled from then)
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd = _Server(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
