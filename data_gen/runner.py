@@ -282,44 +282,47 @@ async def run_pipeline(
     out = ShardOutput(out_dir, shard, name, cfg.fingerprint())
     save_config(cfg, out_dir / "config.yaml")
     cache = CallCache(cfg.cache_dir or out_dir / "cache")
-    budget = Budget(cfg.run, cfg.endpoint.model, out.spent(), Summary())
-    items = select_items(prompts, num, shard, seed)
-    chunks = chunk_items(items, cfg.pipeline.chunk_size)
-    todo = [(c, its) for c, its in chunks if not out.is_done(c, its)]
-    backends = make_backends(cfg, cache, budget.this_run, with_sampler=with_sampler, budget=budget.exceeded)
-    run = ShardRun(name, build, cfg, out, backends, budget)
-    run.progress = Progress(
-        len(items),
-        len(items) - sum(len(its) for _, its in todo),
-        f"{name} {shard[0]}/{shard[1]}",
-        cfg.run.progress_every_s,
-        run.status,
-    )
-    lines = asyncio.create_task(run.progress.log_lines())
-    handled = _handle_signals(run)
     try:
-        await run.run(todo)
+        budget = Budget(cfg.run, cfg.endpoint.model, out.spent(), Summary())
+        items = select_items(prompts, num, shard, seed)
+        chunks = chunk_items(items, cfg.pipeline.chunk_size)
+        todo = [(c, its) for c, its in chunks if not out.is_done(c, its)]
+        backends = make_backends(cfg, cache, budget.this_run, with_sampler=with_sampler, budget=budget.exceeded)
+        run = ShardRun(name, build, cfg, out, backends, budget)
+        done = len(items) - sum(len(its) for _, its in todo)
+        run.progress = Progress(len(items), done, f"{name} {shard[0]}/{shard[1]}", cfg.run.progress_every_s, run.status)
+        lines = asyncio.create_task(run.progress.log_lines())
+        handled = _handle_signals(run)
+        try:
+            await run.run(todo)
+        finally:
+            _restore_signals(handled)
+            lines.cancel()
+            run.progress.close()
+            await backends.close()
+            out.record_spend(budget.this_run_spend())
+        complete = out.finish([c for c, _ in chunks])
+        return _report(run, complete, cache, shard, out_dir)
     finally:
-        _restore_signals(handled)
-        lines.cancel()
-        run.progress.close()
-        await backends.close()
-        out.record_spend(budget.this_run_spend())
-    complete = out.finish([c for c, _ in chunks])
+        cache.close()
+        out.close()
+
+
+def _report(run: ShardRun, complete: bool, cache: CallCache, shard: tuple[int, int], out_dir: Path) -> RunResult:
+    """The run's result; its summary printed and written to `summary-<I>of<N>.json`."""
+    out, budget, client = run.out, run.budget, run.backends.client
     total = Summary()
     for entry in out.chunks.values():
         total.add(entry["counters"])
     result = RunResult(complete, total, budget.this_run, cache.stats(), run.stopped, out.spent())
-    if backends.client is not None:
-        in_flight, allowed = backends.client.limit.means()
+    if client is not None:
+        in_flight, allowed = client.limit.means()
         result.in_flight = {"mean": round(in_flight, 2), "mean_allowed": round(allowed, 2)}
-    extra: dict[str, Any] = {"pipeline": name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
-    extra |= {"backends": backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
+    extra: dict[str, Any] = {"pipeline": run.name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
+    extra |= {"backends": run.backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
     if result.in_flight:
         extra["requests_in_flight"] = result.in_flight
     print(report(out_dir / f"summary-{out.tag}.json", total, budget.this_run, result.cache, extra), flush=True)
-    cache.close()
-    out.close()
     return result
 
 

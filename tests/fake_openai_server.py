@@ -1,6 +1,9 @@
-"""A local OpenAI-compatible `/v1/chat/completions` server for tests: stdlib http.server in a thread on
-127.0.0.1. It answers with a test-supplied function and injects faults from a script, so the REAL
-`openai` client and the real pipelines run against it; the server only decides what goes wrong.
+"""A local OpenAI-compatible `/v1/chat/completions` server for tests and benchmarks: HTTP/1.1 on asyncio
+streams (one event loop in a thread, on 127.0.0.1). It answers with a test-supplied function and injects
+faults from a script, so the REAL `openai` client and the real pipelines run against it; the server only
+decides what goes wrong. One thread, whatever the concurrency: latency is `asyncio.sleep`, so a loaded
+machine does not starve 32 server threads fighting for the GIL (which showed as half the requests "in
+flight" going unhandled in benchmarks/data_synthesis.py).
 
 Script: {key: [fault, fault, ...]} where key is the text of a request's first user message (the prompt)
 and each request with that key takes the next fault; when the list is used up the request is answered
@@ -21,8 +24,8 @@ that rate holding `burst` requests; a request finding it empty gets a 429 with R
 Every request is logged (key, fault, sha256 of the body, arrival time). At most `max_requests` are
 answered; later ones get HTTP 400 and set `overflow`. `delay` slows every answer with a body (a model's
 latency; 429s are immediate, as a provider's are). `mean_in_flight(t0, t1)`: the requests being handled,
-averaged over that span (requests in flight as the server sees them). HTTP/1.1 with keep-alive, as
-providers serve.
+averaged over that span (requests in flight as the server sees them, from the request line read to the
+answer written). HTTP/1.1 with keep-alive, as providers serve.
 
 `shapes_answer` answers like a perfect model of the shapes world: scene graphs by parsing the prompt,
 judgements by running the pixel judge on the image the request carries.
@@ -30,6 +33,7 @@ judgements by running the pixel judge on the image the request carries.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import random
@@ -38,7 +42,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 
 MALFORMED = '{"objects": [{"name": "cube", "color": '  # cut off mid-object
 
@@ -49,10 +53,6 @@ def first_user_text(body: dict) -> str:
             c = m.get("content")
             return c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if p.get("type") == "text")
     return ""
-
-
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 256  # the listen backlog: 5 by default, too few for 32 connections opened at once
 
 
 class FakeOpenAIServer:
@@ -83,21 +83,34 @@ class FakeOpenAIServer:
         self.overflow = False
         self._lock = threading.Lock()
         self.events: list[tuple[float, int]] = [(time.monotonic(), 0)]  # (time, requests being handled from then)
-        self._httpd = _Server(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-openai", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._port = 0
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        return f"http://127.0.0.1:{self._port}/v1"
 
     def __enter__(self) -> FakeOpenAIServer:
         self._thread.start()
+        start = asyncio.start_server(self._connection, "127.0.0.1", 0, backlog=256)
+        self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result()
+        self._port = self._server.sockets[0].getsockname()[1]
         return self
 
     def __exit__(self, *exc) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        async def close() -> None:
+            self._server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:  # the open connections
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
 
     def faults(self) -> dict[str, int]:
         """How many requests got each fault."""
@@ -155,103 +168,97 @@ class FakeOpenAIServer:
             u -= p
         return "ok"
 
-    def _handler(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # keep-alive; every answer has a Content-Length unless cut off
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def _cut_off(self, data: bytes, announce_length: bool) -> None:
-                """Half of a 200's body, then the connection closes."""
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                if announce_length:
-                    self.send_header("Content-Length", str(len(data)))
-                else:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data[: len(data) // 2])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-
-            def _reset(self) -> None:
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.close_connection = True
-                self.rfile.close()  # its reference keeps the socket open otherwise
-                self.connection.close()  # with linger 0: a reset (RST), not a FIN
-
-            def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
-                data = json.dumps(payload).encode()
+    # ---- HTTP/1.1 ---------------------------------------------------------------------------------------
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Requests of one keep-alive connection, one after the other."""
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self._handling(+1)
                 try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (headers or {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout fault)
-                    pass
-
-            def _error(self, status: int, message: str, headers: dict | None = None) -> None:
-                self._send(status, {"error": {"message": message, "type": "fake", "code": status}}, headers)
-
-            def do_POST(self):
-                server._handling(+1)
-                try:
-                    self._answer()
+                    keep = await self._request(head, reader, writer)
                 finally:
-                    server._handling(-1)
+                    self._handling(-1)
+                if not keep:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # the client closed the connection (or gave up waiting: the timeout fault)
+        finally:
+            writer.close()
 
-            def _answer(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if not self.path.endswith("/chat/completions"):
-                    return self._error(404, f"no route {self.path}")
-                body = json.loads(raw)
-                fault = server._next_fault(body, raw)
-                if fault == "overflow":
-                    return self._error(400, "fake server: request budget exhausted")
-                if fault == "no_json_schema":
-                    return self._error(400, "response_format json_schema is not supported by this server")
-                if fault.startswith("429@"):
-                    return self._error(429, "fake rate limit", {"Retry-After": fault[4:]})
-                if fault == "quota":
-                    return self._send(
-                        429, {"error": {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}}
-                    )
-                if fault == "reset":
-                    return self._reset()
-                if fault.isdigit():  # "429", "500", "401", ...
-                    if fault != "429":
-                        time.sleep(server.delay)  # a server error after the work
-                    return self._error(
-                        int(fault), f"fake HTTP {fault}", {"Retry-After": "0"} if fault == "429" else None
-                    )
-                if server.delay:
-                    time.sleep(server.delay)
-                if fault == "timeout":
-                    time.sleep(server.timeout_sleep)
-                    return self._error(500, "late")
-                content = server.replies[fault] if fault in server.replies else server.answer(body)
-                reply = {
-                    "id": "chatcmpl-fake",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", "fake"),
-                    "choices": [
-                        {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}
-                    ],
-                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
-                }
-                if fault in ("cutoff", "cutoff_eof"):
-                    return self._cut_off(json.dumps(reply).encode(), announce_length=fault == "cutoff")
-                self._send(200, reply)
+    async def _request(self, head: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; False when the connection must close."""
+        lines = head.decode("latin-1").split("\r\n")
+        path = lines[0].split(" ")[1]
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:] if h)}
+        raw = await reader.readexactly(int(headers.get("content-length", 0)))
+        if not path.endswith("/chat/completions"):
+            return await self._error(writer, 404, f"no route {path}")
+        body = json.loads(raw)
+        fault = self._next_fault(body, raw)
+        if fault == "overflow":
+            return await self._error(writer, 400, "fake server: request budget exhausted")
+        if fault == "no_json_schema":
+            return await self._error(writer, 400, "response_format json_schema is not supported by this server")
+        if fault.startswith("429@"):
+            return await self._error(writer, 429, "fake rate limit", {"Retry-After": fault[4:]})
+        if fault == "quota":
+            error = {"message": "quota", "type": "insufficient_quota", "code": "insufficient_quota"}
+            return await self._send(writer, 429, {"error": error})
+        if fault == "reset":  # linger 0, then close: a reset (RST), not a FIN
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        if fault.isdigit():  # "429", "500", "401", ...
+            if fault != "429":
+                await asyncio.sleep(self.delay)  # a server error after the work
+            return await self._error(
+                writer, int(fault), f"fake HTTP {fault}", {"Retry-After": "0"} if fault == "429" else None
+            )
+        await asyncio.sleep(self.delay)
+        if fault == "timeout":
+            await asyncio.sleep(self.timeout_sleep)
+            return await self._error(writer, 500, "late")
+        if fault in self.replies:
+            content = self.replies[fault]
+        else:  # the test's model; off the loop, so a slow one (the pixel judge) holds up no other request
+            content = await asyncio.get_running_loop().run_in_executor(None, self.answer, body)
+        reply = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "fake"),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+        }
+        if fault in ("cutoff", "cutoff_eof"):  # half the body, then the connection closes
+            data = json.dumps(reply).encode()
+            length = {"Content-Length": str(len(data))} if fault == "cutoff" else {"Connection": "close"}
+            writer.write(_head(200, length) + data[: len(data) // 2])
+            await writer.drain()
+            return False
+        return await self._send(writer, 200, reply)
 
-        return Handler
+    async def _error(
+        self, writer: asyncio.StreamWriter, status: int, message: str, headers: dict | None = None
+    ) -> bool:
+        return await self._send(
+            writer, status, {"error": {"message": message, "type": "fake", "code": status}}, headers
+        )
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, status: int, payload: dict, headers: dict | None = None
+    ) -> bool:
+        data = json.dumps(payload).encode()
+        writer.write(_head(status, {"Content-Length": str(len(data)), **(headers or {})}) + data)
+        await writer.drain()
+        return True
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", "Content-Type: application/json"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 # ---- a perfect shapes-world model ---------------------------------------------------------------------------
