@@ -18,7 +18,9 @@ asks again), and compares:
   records                vs the fault-free scenario: lost / duplicated / different, after all the runs
   repeated               requests sent again after the server had answered them in full (a billed call paid
                          twice), counted once each; with SIGKILL only the ones in flight at the kill can be
-The fault-free scenario runs first and is the reference for the others.
+The fault-free scenario runs first and is the reference for the others. Then a ceiling: the endpoint client
+alone sends as many trivial requests at the same concurrency (no pipeline, no images, no cache): on a
+loaded shared machine it shows how much of the ideal the machine itself allows.
 
     OMP_NUM_THREADS=1 python benchmarks/data_synthesis.py                      # the table in docs/benchmarks.md
     OMP_NUM_THREADS=1 python benchmarks/data_synthesis.py --prompts 120 --latency 0.2 --only 0,1   # quick look
@@ -71,7 +73,42 @@ def answer(body: dict) -> str:
     user = next(m["content"] for m in body["messages"] if m["role"] == "user")
     if isinstance(user, list):
         return CONSISTENT
+    if user.startswith(CEILING_TEXT):
+        return "{}"
     return json.dumps(scene_graph_reply(first_user_text(body)))
+
+
+CEILING_TEXT = "ceiling request"
+CEILING = """
+import asyncio, sys, time
+from inference.endpoint import ChatClient, EndpointConfig
+url, n, concurrency, text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+async def main():
+    client = ChatClient(EndpointConfig(base_url=url, model="fake-gpt", api_key_env="", concurrency=concurrency))
+    await asyncio.gather(*(client.complete([{"role": "user", "content": f"{text} {i}"}]) for i in range(n)))
+    print("client in flight", client.limit.means()[0])
+    await client.close()
+asyncio.run(main())
+"""
+
+
+def ceiling(args, server: FakeOpenAIServer, n: int) -> dict:
+    """The endpoint client alone, `n` trivial requests: what this machine allows, pipeline or not."""
+    start = len(server.log)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", CEILING, server.url, str(n), str(args.concurrency), CEILING_TEXT]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    first = server.log[start:]
+    t0, t_end = first[0]["t"], server.events[-1][0]
+    client = float(out.rsplit(" ", 1)[1])
+    return {
+        "scenario": "ceiling: the endpoint client alone, as many trivial requests",
+        "in_flight": server.mean_in_flight(t0, t_end) / args.concurrency,
+        "client_in_flight": client,
+        "req_s": len(first) / (t_end - t0),
+        "ideal": args.concurrency / args.latency,
+        "requests": len(first),
+    }
 
 
 def write_config(path: Path, url: str, concurrency: int, code: Path) -> None:
@@ -191,7 +228,10 @@ def main() -> None:
         results, reference = [], None
         for k in chosen:
             row, got = scenario(args, server, work, k, prompts, reference)
-            reference = got if reference is None else reference
+            if reference is None:
+                reference = got
+                results.append(ceiling(args, server, row["requests"]))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             results.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -209,6 +249,12 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
+        if r["scenario"].startswith("ceiling"):
+            print(
+                f"| {r['scenario']} | {r['in_flight']:.1%} | {r['client_in_flight'] / args.concurrency:.1%} | - "
+                f"| {r['req_s']:.1f} ({r['req_s'] / r['ideal']:.2f}) | {r['requests']} (0) | - | - | - | - | - |"
+            )
+            continue
         diff = "reference" if "lost" not in r else f"{r['lost']} / {r['extra']} / {r['different']}"
         limit = "-" if r["limit"] is None else f"{r['limit']:.1f}"
         client = "-" if r["client_in_flight"] is None else f"{r['client_in_flight'] / args.concurrency:.1%}"
