@@ -154,7 +154,7 @@ def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[s
     ideal = args.concurrency / args.latency
     server.rates = dict(rates)
     server.requests_per_s = limit_share * ideal if limit_share else None
-    server.burst = max(1.0, 0.1 * (server.requests_per_s or 0))
+    server.burst = max(1.0, server.requests_per_s or 0)  # a second's worth, as providers quantize per-minute limits
     out, config, prompt_file = work / f"s{k}", work / f"s{k}.yaml", work / "prompts.txt"
     write_config(config, server.url, args.concurrency, args.code)
     start = len(server.log)
