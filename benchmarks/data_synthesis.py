@@ -14,7 +14,8 @@ asks again), and compares:
                          client's own count (a slot held from sending to the parsed reply), whole run
   limit                  the client's mean allowed concurrency (AIMD lowers it under sustained 429s)
   req/s / ideal          requests per second of the first run, and its ratio to concurrency / latency (or to
-                         the server's rate limit, when lower)
+                         the server's rate limit: 60% of the fault-free run's rate, below what the machine
+                         allows, so that it binds)
   records                vs the fault-free scenario: lost / duplicated / different, after all the runs
   repeated               requests sent again after the server had answered them in full (a billed call paid
                          twice), counted once each; with SIGKILL only the ones in flight at the kill can be
@@ -56,12 +57,12 @@ from data_gen.shards import merge, read_manifests, shard_files  # noqa: E402
 FAULTS = {"429@1": 0.10, "500": 0.05, "malformed": 0.02}  # the goal: 10% 429 + 5% 500 + 2% malformed
 TRANSPORT = {**FAULTS, "cutoff": 0.01, "cutoff_eof": 0.01, "reset": 0.01}
 CONSISTENT = json.dumps({"verdict": "consistent", "analysis": "", "fix": ""})
-# name, random faults, server rate limit (share of the ideal rate), signal sent after 40% of the chunks
+# name, random faults, server rate limit (share of the fault-free run's rate), signal sent after 40% of the chunks
 SCENARIOS = [
     ("no faults", {}, None, None),
     ("10% 429 + 5% 500 + 2% malformed", FAULTS, None, None),
     ("same + 1% each: cut-off body (2 kinds), reset", TRANSPORT, None, None),
-    ("server rate limit at 60% of ideal (429 + Retry-After)", {}, 0.6, None),
+    ("server rate limit: 60% of the no-fault rate (429 + Retry-After)", {}, 0.6, None),
     ("faults as row 2 + Ctrl-C at 40%, re-run", FAULTS, None, signal.SIGINT),
     ("faults as row 2 + SIGKILL at 40%, re-run", FAULTS, None, signal.SIGKILL),
 ]
@@ -149,11 +150,12 @@ def records(out: Path) -> tuple[dict[str, dict], int]:
     return {r["id"]: r for r in merge([out], allow_partial=True).to_list()}, rows
 
 
-def scenario(args, server: FakeOpenAIServer, work: Path, k: int, prompts: list[str], reference: dict | None):
+def scenario(args, server, work: Path, k: int, prompts: list[str], reference: dict | None, reference_rate: float):
     name, rates, limit_share, sig = SCENARIOS[k]
     ideal = args.concurrency / args.latency
     server.rates = dict(rates)
-    server.requests_per_s = limit_share * ideal if limit_share else None
+    # a rate limit below what this machine lets the client reach (the fault-free run's rate), so that it binds
+    server.requests_per_s = limit_share * reference_rate if limit_share else None
     server.burst = max(1.0, server.requests_per_s or 0)  # a second's worth, as providers quantize per-minute limits
     out, config, prompt_file = work / f"s{k}", work / f"s{k}.yaml", work / "prompts.txt"
     write_config(config, server.url, args.concurrency, args.code)
@@ -225,11 +227,11 @@ def main() -> None:
         work = Path(tmp)
         prompts = shapes_prompts(args.prompts, seed=0, categories=None)
         (work / "prompts.txt").write_text("\n".join(prompts) + "\n")
-        results, reference = [], None
+        results, reference, reference_rate = [], None, 0.0
         for k in chosen:
-            row, got = scenario(args, server, work, k, prompts, reference)
+            row, got = scenario(args, server, work, k, prompts, reference, reference_rate)
             if reference is None:
-                reference = got
+                reference, reference_rate = got, row["req_s"]
                 results.append(ceiling(args, server, row["requests"]))
                 print(json.dumps(results[-1]), file=sys.stderr, flush=True)
             results.append(row)

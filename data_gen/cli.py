@@ -7,7 +7,8 @@
 Offline by default: with no endpoint configured every part is the shapes world, and prompts come from its
 grammar when no --prompts file is given. A config points the extractor / judge at an OpenAI-compatible
 server (the key is read from the env var it names). Re-running the same command resumes: finished chunks
-are skipped and every model call is cached, so no paid call repeats.
+are skipped and every model call is cached, so no paid call repeats. A reply still invalid after its repair
+re-asks rejects its prompt for this run only: a re-run asks again.
 
 Progress: a bar on a terminal, else a line on stderr every --progress-every seconds (done / total, rate,
 ETA, requests, retries, tokens, estimated cost). Ctrl-C stops cleanly: the requests in flight finish, the
@@ -29,20 +30,21 @@ Exit status: 0 done; 1 stopped by an error (bad key, model, quota); 2 bad argume
 
   # critiques of a checkpoint's own PSIR trajectories (judge: shapes world; corrections: its renderer),
   # one process per GPU, each loading the checkpoint once
-  CUDA_VISIBLE_DEVICES=0 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \
+  CUDA_VISIBLE_DEVICES=0 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \\
       --set model_sampler.ckpt=runs/ft/ckpt --num 1000 --out runs/data/crit-s0 --shard 0/2 &
-  CUDA_VISIBLE_DEVICES=1 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \
+  CUDA_VISIBLE_DEVICES=1 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \\
       --set model_sampler.ckpt=runs/ft/ckpt --num 1000 --out runs/data/crit-s1 --shard 1/2
 
   # a cluster job: progress lines every 5 minutes, at most $50 of API calls for this shard
-  bagel-ft data trajectories --config configs/data/gpt4o.yaml --prompts prompts.txt --out runs/data/traj \
+  bagel-ft data trajectories --config configs/data/gpt4o.yaml --prompts prompts.txt --out runs/data/traj \\
       --max-cost 50 --progress-every 300 > traj.log 2>&1
 
   # any config field from the command line
   bagel-ft data trajectories --out runs/data/t --num 20 --set pipeline.image_size=256 --set pipeline.max_steps=4
 
-Output: OUT/part-*.parquet (rows: bagel_ft.trajectory.datasets_features()), OUT/manifest-*.json,
-OUT/summary-*.json, OUT/config.yaml, OUT/cache/. `merge` writes OUT/data-*.parquet, one row per record id;
+Output: OUT/part-*.parquet (rows: bagel_ft.trajectory.datasets_features()), OUT/manifest-*.sqlite,
+OUT/summary-*.json, OUT/config.yaml, OUT/cache/calls.sqlite (an earlier version's per-file cache and JSON
+manifest are moved into these on the next run). `merge` writes OUT/data-*.parquet, one row per record id;
 load with datasets.load_dataset("parquet", data_files="OUT/data-*.parquet").
 """
 
