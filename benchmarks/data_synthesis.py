@@ -13,9 +13,9 @@ asks again), and compares:
                          prompt's first request (after it the queue is empty and the run drains). client: the
                          client's own count (a slot held from sending to the parsed reply), whole run
   limit                  the client's mean allowed concurrency (AIMD lowers it under sustained 429s)
-  req/s / ideal          requests per second of the first run, and its ratio to concurrency / latency (or to
-                         the server's rate limit: 60% of the fault-free run's rate, below what the machine
-                         allows, so that it binds)
+  requests/s, answered/s requests per second of the first run, faults included, and those answered in full;
+                         the latter's ratio to the ideal, concurrency / latency (or the server's rate limit:
+                         60% of the fault-free run's rate, below what the machine allows, so that it binds)
   records                vs the fault-free scenario: lost / duplicated / different, after all the runs
   repeated               requests sent again after the server had answered them in full (a billed call paid
                          twice), counted once each; with SIGKILL only the ones in flight at the kill can be
@@ -107,6 +107,7 @@ def ceiling(args, server: FakeOpenAIServer, n: int) -> dict:
         "in_flight": server.mean_in_flight(t0, t_end) / args.concurrency,
         "client_in_flight": client,
         "req_s": len(first) / (t_end - t0),
+        "ok_s": len(first) / (t_end - t0),
         "ideal": args.concurrency / args.latency,
         "requests": len(first),
     }
@@ -189,6 +190,7 @@ def scenario(args, server, work: Path, k: int, prompts: list[str], reference: di
         "limit": first_summary.get("requests_in_flight", {}).get("mean_allowed"),
         "client_in_flight": first_summary.get("requests_in_flight", {}).get("mean"),
         "req_s": len(first) / (t_end - t0),
+        "ok_s": sum(e["fault"] == "ok" for e in first) / (t_end - t0),
         "ideal": min(ideal, server.requests_per_s or ideal),
         "requests": len(every),
         "faults": sum(e["fault"] != "ok" for e in every),
@@ -245,16 +247,17 @@ def main() -> None:
         f"{client_cpu:.0f} CPU s in {time.time() - t_start:.0f} s\n"
     )
     print(
-        "| scenario | in flight ÷ allowed: server (to last start) | client | mean limit | requests/s (÷ ideal) "
-        "| requests (faults) | retries, 1st run | records: lost / extra / different | failed | repeated answered calls "
-        "| exit codes |"
+        "| scenario | in flight ÷ allowed: server (to last start) | client | mean limit | requests/s "
+        "| answered/s (÷ ideal) | requests (faults) | retries, 1st run | records: lost / extra / different | failed "
+        "| repeated answered calls | exit codes |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r["scenario"].startswith("ceiling"):
             print(
                 f"| {r['scenario']} | {r['in_flight']:.1%} | {r['client_in_flight'] / args.concurrency:.1%} | - "
-                f"| {r['req_s']:.1f} ({r['req_s'] / r['ideal']:.2f}) | {r['requests']} (0) | - | - | - | - | - |"
+                f"| {r['req_s']:.1f} | {r['ok_s']:.1f} ({r['ok_s'] / r['ideal']:.2f}) | {r['requests']} (0) "
+                "| - | - | - | - | - |"
             )
             continue
         diff = "reference" if "lost" not in r else f"{r['lost']} / {r['extra']} / {r['different']}"
@@ -263,7 +266,8 @@ def main() -> None:
         retries = "-" if r["retries"] is None else r["retries"]
         print(
             f"| {r['scenario']} | {r['in_flight']:.1%} ({r['in_flight_to_last_start']:.1%}) | {client} | {limit} "
-            f"| {r['req_s']:.1f} ({r['req_s'] / r['ideal']:.2f}) | {r['requests']} ({r['faults']}) | {retries} "
+            f"| {r['req_s']:.1f} | {r['ok_s']:.1f} ({r['ok_s'] / r['ideal']:.2f}) | {r['requests']} ({r['faults']}) "
+            f"| {retries} "
             f"| {r['records']}: {diff} | {r['failed']} | {r['repeated']} | {' '.join(map(str, r['codes']))} |"
         )
 
