@@ -13,6 +13,9 @@
   bagel-ft eval shapes --ckpt runs/ft/ckpt --mode scaled --out runs/eval/shapes-ft-scaled
   bagel-ft eval shapes --ckpt oracle:shapes --out runs/eval/shapes-oracle          # the judge's ceiling
 
+  # a unified model's skills on held-out shapes scenes: t2i, edit, verdict, caption (eval/skills.py)
+  bagel-ft eval skills --ckpt checkpoints/shapes-base --out runs/eval/skills-base --limit 20
+
   # CPU-sized smoke run of the plumbing (noise images, 2 prompts per category)
   bagel-ft eval geneval --ckpt debug:noise --out /tmp/geneval-smoke --n 2 --limit 2
 
@@ -36,7 +39,7 @@ from typing import Any
 
 import yaml
 
-BENCHMARKS = ("geneval", "wise", "shapes")
+BENCHMARKS = ("geneval", "wise", "shapes", "skills")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -82,6 +85,8 @@ def run(args) -> int:
     from eval.run_dir import CONFIG_FILE, RunDirError, prepare_run_dir, read_config, write_json_atomic
 
     out = Path(args.out)
+    if args.benchmark == "skills":
+        return _skills(args, out)
     if args.stage == "score":  # score what was generated: its n / subset / limit unless given again
         old = read_config(out)
         if not old:
@@ -148,6 +153,37 @@ def _shapes(args, out: Path, generator, n: int, subset, judge) -> None:
         print(shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=args.seed, progress=not args.quiet))
     if args.stage != "generate":
         print(shapes_eval.format_summary(shapes_eval.score_shapes(out, prompts, n=n, progress=not args.quiet)))
+
+
+def _skills(args, out: Path) -> int:
+    from eval.run_dir import RunDirError
+    from eval.skills import SKILLS, SkillsConfig, run
+
+    if not args.ckpt:
+        raise SystemExit("bagel-ft eval skills: --ckpt is required")
+    skills = [s.strip() for s in args.subset.split(",")] if args.subset else list(SKILLS)
+    unknown = sorted(set(skills) - set(SKILLS))
+    if unknown:
+        raise SystemExit(f"bagel-ft eval skills: --subset {','.join(unknown)}: expected some of {','.join(SKILLS)}")
+    config = SkillsConfig(skills=skills, seed=args.seed or 0)
+    if args.inference_config:  # options.flow of an inference YAML sets how every skill draws
+        flow = (yaml.safe_load(Path(args.inference_config).read_text()) or {}).get("options", {}).get("flow", {})
+        fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
+        unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
+        if unknown:
+            raise SystemExit(f"{args.inference_config}: options.flow: {unknown} unknown to eval skills; expected {fields}")
+        for key in fields:
+            if key in flow:
+                setattr(config, key, tuple(flow[key]) if key == "cfg_interval" else flow[key])
+    if args.limit is not None:
+        if args.limit < 1:
+            raise SystemExit(f"bagel-ft eval skills: --limit must be >= 1, got {args.limit}")
+        config.limit = args.limit
+    try:
+        run(args.ckpt, out, config)
+    except RunDirError as e:
+        raise SystemExit(str(e)) from e
+    return 0
 
 
 def _judge_config(args):
