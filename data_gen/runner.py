@@ -73,7 +73,7 @@ class RunResult:
     cache: dict = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early: "interrupted" (SIGINT), "terminated" (SIGTERM), "budget: ..."
     spent: dict = field(default_factory=dict)  # every run of the shard: requests, prompt/completion tokens
-    in_flight: dict = field(default_factory=dict)  # requests in flight: {"mean", "mean_allowed"} (with an endpoint)
+    in_flight: dict = field(default_factory=dict)  # {"mean", "mean_allowed", "lowest_allowed"} (with an endpoint)
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------
@@ -318,6 +318,7 @@ def _report(run: ShardRun, complete: bool, cache: CallCache, shard: tuple[int, i
     if client is not None:
         in_flight, allowed = client.limit.means()
         result.in_flight = {"mean": round(in_flight, 2), "mean_allowed": round(allowed, 2)}
+        result.in_flight["lowest_allowed"] = client.limit.lowest
     extra: dict[str, Any] = {"pipeline": run.name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
     extra |= {"backends": run.backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
     if result.in_flight:

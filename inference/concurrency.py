@@ -4,13 +4,15 @@ AIMD, as TCP does with congestion, but reacting to *sustained* rate limiting onl
 * additive increase: every successful reply raises the limit by 1/limit (about +1 per round trip), up to
   the configured concurrency (other faults leave it alone);
 * multiplicative decrease: a 429 lowers it by `DECREASE` when 429s make up more than `RATE_LIMITED_SHARE`
-  of recent replies (an average over about two round trips of replies), at most once per round trip.
+  of recent replies (an average over about two round trips of replies), at most once per round trip (the
+  mean seconds of a successful request), and never for a 429 to a request sent before the last decrease
+  (one of the same burst: what paces the decreases before any request has succeeded).
 A few percent of 429s (a provider's noise) leave the limit where it is — each such request waits its own
 Retry-After (endpoint.py); a server that rate-limits a large share of requests gets fewer of them, and the
 limit recovers when the 429s stop.
 
-The limiter also integrates requests in flight and the limit over time (`mean_in_flight`, `mean_allowed`),
-for progress lines and benchmarks/data_synthesis.py.
+The limiter also integrates requests in flight and the limit over time (`means`) and keeps the lowest limit
+it came down to (`lowest`), for the run's summary and benchmarks/data_synthesis.py.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ class AdaptiveLimit:
         self.limit = float(maximum)
         self.in_flight = 0
         self.rate_limited_share = 0.0  # exponential average of 429s among replies
-        self.round_trip_s = 0.0  # exponential average of a request's seconds
+        self.round_trip_s = 0.0  # exponential average of a successful request's seconds
+        self.lowest = self.allowed  # the lowest limit so far
         self._waiters: deque[asyncio.Future] = deque()
         self._last_decrease = -math.inf
         self._t0 = self._t = time.monotonic()
@@ -91,12 +94,15 @@ class AdaptiveLimit:
             self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
             self._wake()
         now = time.monotonic()
+        sent = now - seconds
         if (
             rate_limited
             and self.rate_limited_share > RATE_LIMITED_SHARE
+            and sent >= self._last_decrease
             and now - self._last_decrease >= self.round_trip_s
         ):
             self.limit = max(float(self.minimum), self.limit * DECREASE)
+            self.lowest = min(self.lowest, self.allowed)
             self._last_decrease = now
 
     # ---- what happened -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ def api_config(server: FakeOpenAIServer, tmp_path, **overrides):
         "endpoint.base_url": server.url,
         "endpoint.model": "fake-gpt",
         "endpoint.api_key_env": KEY_ENV,
-        "endpoint.timeout_s": 2.0,  # generous: a loaded 2-core CI box must not time out a normal answer
+        "endpoint.timeout_s": 5.0,  # generous: a loaded 2-core CI box must not time out a normal answer
         "endpoint.max_attempts": 3,
         "endpoint.backoff_base_s": 0.01,
         "endpoint.backoff_max_s": 0.05,
@@ -73,7 +73,7 @@ def test_faults_are_counted_retried_and_records_equal_a_fault_free_run(tmp_path,
     }
     replies = {"schema": json.dumps({"objects": "three circles", "relations": []}), "bad_graph": json.dumps(bad_graph)}
     overrides = {"pipeline.chunk_size": 4}  # chunks P0-3 (all kept), P4-7 (3 to ask again), P8-11 (1 failed)
-    with FakeOpenAIServer(shapes_answer, script, replies=replies, timeout_sleep=3.0, max_requests=60) as server:
+    with FakeOpenAIServer(shapes_answer, script, replies=replies, timeout_sleep=10.0, max_requests=60) as server:
         first = run(api_config(server, tmp_path, **overrides), tmp_path / "run")
         assert len(server.log) == 29 and not server.overflow
         t = first.total

@@ -95,6 +95,17 @@ def test_concurrency_limit_backs_off_on_sustained_429s_only_and_recovers():
     assert sporadic >= 29 and sustained <= 2 and after == 32
 
 
+def test_a_burst_of_429s_lowers_the_limit_once():
+    """Ten requests sent together, all rate limited (each took 0.05 s): one decrease, not ten; a 429 to a
+    request sent after that decrease lowers it again."""
+    limit = AdaptiveLimit(8)
+    for _ in range(10):
+        limit.record("rate_limited", 0.05)
+    assert limit.allowed == limit.lowest == 5  # 8 x 0.7
+    limit.record("rate_limited", 0.0)  # sent just now, after the decrease
+    assert limit.allowed == limit.lowest == 3  # 5.6 x 0.7
+
+
 def test_the_limit_holds_callers_in_order():
     async def hold() -> tuple[list[int], int]:
         limit, order, peak = AdaptiveLimit(2), [], 0
