@@ -2,7 +2,7 @@
 allowed requests stay, how fast it goes, and whether any record or paid call is lost or repeated.
 
 The server is the tests' fake (tests/fake_openai_server.py) on 127.0.0.1, answering after `--latency`
-seconds (a sleeping thread per request: latency-bound, not CPU-bound, so a shared machine measures the
+seconds (asyncio.sleep on one event loop: latency-bound, not CPU-bound, so a shared machine measures the
 client, not the server): scene graphs for the extractor, "consistent" for the VLM judge. Each scenario runs
 the real CLI as a user would (`python -m data_gen.cli trajectories`, LLM extractor + VLM judge, 64 px shapes
 editor, concurrency `--concurrency`; `--code DIR`: another checkout's CLI, e.g. a baseline) in a process of
@@ -11,7 +11,10 @@ asks again), and compares:
   in flight / allowed    server: requests being handled by the server, averaged over the first run (first
                          request to last reply), divided by the concurrency; "to last start": until the last
                          prompt's first request (after it the queue is empty and the run drains). client: the
-                         client's own count (a slot held from sending to the parsed reply), whole run
+                         client's own count (a slot held from sending to the parsed reply), first run (to the last
+                         prompt's start). The server's figure is below the client's by the time a request
+                         spends in the client's process (built, sent, its reply read and parsed): on a loaded
+                         machine the pipeline's CPU work delays that (compare the ceiling row)
   limit                  the client's mean allowed concurrency (AIMD lowers it under sustained 429s)
   requests/s, answered/s requests per second of the first run, faults included, and those answered in full;
                          the latter's ratio to the ideal, concurrency / latency (or the server's rate limit:
@@ -189,6 +192,7 @@ def scenario(args, server, work: Path, k: int, prompts: list[str], reference: di
         "in_flight_to_last_start": server.mean_in_flight(t0, last_start) / args.concurrency,
         "limit": first_summary.get("requests_in_flight", {}).get("mean_allowed"),
         "client_in_flight": first_summary.get("requests_in_flight", {}).get("mean"),
+        "client_to_last_start": first_summary.get("requests_in_flight", {}).get("mean_to_last_start"),
         "req_s": len(first) / (t_end - t0),
         "ok_s": sum(e["fault"] == "ok" for e in first) / (t_end - t0),
         "ideal": min(ideal, server.requests_per_s or ideal),
@@ -247,7 +251,7 @@ def main() -> None:
         f"{client_cpu:.0f} CPU s in {time.time() - t_start:.0f} s\n"
     )
     print(
-        "| scenario | in flight ÷ allowed: server (to last start) | client | mean limit | requests/s "
+        "| scenario | in flight ÷ allowed: server (to last start) | client (to last start) | mean limit | requests/s "
         "| answered/s (÷ ideal) | requests (faults) | retries, 1st run | records: lost / extra / different | failed "
         "| repeated answered calls | exit codes |"
     )
@@ -263,6 +267,8 @@ def main() -> None:
         diff = "reference" if "lost" not in r else f"{r['lost']} / {r['extra']} / {r['different']}"
         limit = "-" if r["limit"] is None else f"{r['limit']:.1f}"
         client = "-" if r["client_in_flight"] is None else f"{r['client_in_flight'] / args.concurrency:.1%}"
+        if r["client_to_last_start"] is not None:
+            client += f" ({r['client_to_last_start'] / args.concurrency:.1%})"
         retries = "-" if r["retries"] is None else r["retries"]
         print(
             f"| {r['scenario']} | {r['in_flight']:.1%} ({r['in_flight_to_last_start']:.1%}) | {client} | {limit} "

@@ -73,7 +73,7 @@ class RunResult:
     cache: dict = field(default_factory=dict)
     stopped: str = ""  # why the run stopped early: "interrupted" (SIGINT), "terminated" (SIGTERM), "budget: ..."
     spent: dict = field(default_factory=dict)  # every run of the shard: requests, prompt/completion tokens
-    in_flight: dict = field(default_factory=dict)  # {"mean", "mean_allowed", "lowest_allowed"} (with an endpoint)
+    in_flight: dict = field(default_factory=dict)  # requests in flight (with an endpoint): see `_report`
 
 
 # ---- prompts ---------------------------------------------------------------------------------------------
@@ -130,6 +130,7 @@ class ShardRun:
         self._changed = asyncio.Event()  # an item ended or paused, a chunk was written, a stop
         self._tasks: set[asyncio.Task] = set()
         self.progress: Progress | None = None
+        self.in_flight_to_last_start: float | None = None  # mean requests in flight until the last item started
 
     # ---- admission -------------------------------------------------------------------------------------
     async def _until(self, ready: Callable[[], bool]) -> bool:
@@ -179,6 +180,8 @@ class ShardRun:
                     task.add_done_callback(self._task_done)
                 if self.stopped:
                     break
+            if self.backends.client is not None:  # the queue is empty: from here on the run drains
+                self.in_flight_to_last_start = self.backends.client.limit.means()[0]
             while self._tasks:  # the items under way end (quickly after a stop)
                 await asyncio.wait(set(self._tasks))
         except BaseException:  # a second Ctrl-C (KeyboardInterrupt) or a cancelled run: drop the items
@@ -315,10 +318,11 @@ def _report(run: ShardRun, complete: bool, cache: CallCache, shard: tuple[int, i
     for entry in out.chunks.values():
         total.add(entry["counters"])
     result = RunResult(complete, total, budget.this_run, cache.stats(), run.stopped, out.spent())
-    if client is not None:
+    if client is not None:  # means over the run, and until the last prompt started (then the run drains)
         in_flight, allowed = client.limit.means()
-        result.in_flight = {"mean": round(in_flight, 2), "mean_allowed": round(allowed, 2)}
-        result.in_flight["lowest_allowed"] = client.limit.lowest
+        to_last_start = run.in_flight_to_last_start if run.in_flight_to_last_start is not None else in_flight
+        result.in_flight = {"mean": round(in_flight, 2), "mean_to_last_start": round(to_last_start, 2)}
+        result.in_flight |= {"mean_allowed": round(allowed, 2), "lowest_allowed": client.limit.lowest}
     extra: dict[str, Any] = {"pipeline": run.name, "shard": list(shard), "complete": complete, "stopped": run.stopped}
     extra |= {"backends": run.backends.names(), "spent": result.spent, "cost_usd": budget.cost(result.spent)}
     if result.in_flight:

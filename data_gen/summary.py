@@ -120,8 +120,8 @@ def report(path: Path, total: Summary, this_run: Summary, cache_stats: dict, ext
     if "requests_in_flight" in extra:
         f = extra["requests_in_flight"]
         lines.append(
-            f"  requests in flight: {f['mean']} on average of {f['mean_allowed']} allowed"
-            f" (lowest limit {f.get('lowest_allowed', '-')})"
+            f"  requests in flight: {f['mean']} on average ({f['mean_to_last_start']} until the last prompt "
+            f"started) of {f['mean_allowed']} allowed (lowest limit {f['lowest_allowed']})"
         )
     if "spent" in extra:
         cost = extra.get("cost_usd")
