@@ -56,7 +56,7 @@ class DemoSettings:
     prompts: int = 320  # shapes prompts per data pipeline (the alignment pipeline makes 3 records per prompt)
     data_seed: int = 0  # data_gen run seed: prompts and every per-prompt seed
     psir_prompts: int = 6  # held-out prompts the psir phase draws (trajectory strips in the report)
-    replay: float = 0.0  # share of the fine-tune's mixture given to base records (`with_replay`), 0 = none
+    replay: float = 0.3  # share of the fine-tune's mixture given to base records (`with_replay`; the reproduction's)
     eval_limit: int = 3  # ShapesEval prompts per category (the first ones of the fixed set)
     eval_subset: list[str] | None = None  # ShapesEval categories (None = all ten)
     eval_n: int = 1  # samples per ShapesEval prompt

@@ -41,7 +41,7 @@ def base(tmp_path_factory) -> Path:
 def micro(out: Path, base: Path, **kw) -> DemoSettings:
     return DemoSettings(out=out, base=base, train_overrides=list(MICRO_TRAIN), prompts=4, psir_prompts=2,
                         eval_limit=1, eval_subset=["position", "color_attr"], inference_overrides=list(MICRO_INFERENCE),
-                        threads=1, progress=False, **kw)  # fmt: skip
+                        threads=1, progress=False, **{"replay": 0.0, **kw})  # fmt: skip
 
 
 @pytest.fixture(scope="module")

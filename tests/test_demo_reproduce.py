@@ -58,7 +58,7 @@ def test_replay_takes_its_share_of_every_arm(tmp_path):
         replay = [s for s in sources if s["path"].startswith("data/replay/")]
         assert abs(sum(s["weight"] for s in replay) - 0.25) < 1e-9 and abs(sum(s["weight"] for s in sources) - 1) < 1e-9
         assert {s["path"].split("/")[-1] for s in replay} >= {"t2i", "edit", "verdict"}
-    r.s = ReproSettings(out=tmp_path)
+    r.s = ReproSettings(out=tmp_path, replay=0.0)
     assert r.sources("psir") == ARMS["psir"][0]
 
 
