@@ -182,7 +182,9 @@ def _coerce(tp: Any, value: Any, key: str, choices: tuple | None, ctx: _Ctx) -> 
             return tuple(_coerce(a, v, f"{key}[{i}]", None, ctx) for i, (a, v) in pairs)
         items = [_coerce(args[0], v, f"{key}[{i}]", None, ctx) for i, v in enumerate(value)] if args else value
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if tp is list and not isinstance(value, list):
+        raise bad("a list")
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise bad("a mapping")
         return {str(k): _coerce(args[1], v, f"{key}.{k}", None, ctx) for k, v in value.items()} if args else value

@@ -7,8 +7,16 @@
 Offline by default: with no endpoint configured every part is the shapes world, and prompts come from its
 grammar when no --prompts file is given. A config points the extractor / judge at an OpenAI-compatible
 server (the key is read from the env var it names). Re-running the same command resumes: finished chunks
-are skipped and every model call is cached, so no paid call repeats. Exit status 3: some prompts failed
-(transient errors); re-run the same command to retry them.
+are skipped and every model call is cached, so no paid call repeats. A reply still invalid after its repair
+re-asks rejects its prompt for this run only: a re-run asks again.
+
+Progress: a bar on a terminal, else a line on stderr every --progress-every seconds (done / total, rate,
+ETA, requests, retries, tokens, estimated cost). Ctrl-C stops cleanly: the requests in flight finish, the
+summary is printed; a re-run resumes. Budgets (over all runs of the shard): --max-requests N and --max-cost
+USD (priced by `run.prices` in the config, e.g. configs/data/gpt4o.yaml); raise one and re-run to continue.
+
+Exit status: 0 done; 1 stopped by an error (bad key, model, quota); 2 bad arguments; 3 some prompts failed
+(transient errors outlived the retries): re-run to retry them; 4 a budget was reached; 130 Ctrl-C; 143 SIGTERM.
 
   # 200 prompts of each subset, offline on a CPU (under a minute each)
   bagel-ft data trajectories --out runs/data/traj --num 200
@@ -22,16 +30,21 @@ are skipped and every model call is cached, so no paid call repeats. Exit status
 
   # critiques of a checkpoint's own PSIR trajectories (judge: shapes world; corrections: its renderer),
   # one process per GPU, each loading the checkpoint once
-  CUDA_VISIBLE_DEVICES=0 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \
+  CUDA_VISIBLE_DEVICES=0 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \\
       --set model_sampler.ckpt=runs/ft/ckpt --num 1000 --out runs/data/crit-s0 --shard 0/2 &
-  CUDA_VISIBLE_DEVICES=1 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \
+  CUDA_VISIBLE_DEVICES=1 bagel-ft data critiques --config configs/data/critiques_from_ckpt.yaml \\
       --set model_sampler.ckpt=runs/ft/ckpt --num 1000 --out runs/data/crit-s1 --shard 1/2
+
+  # a cluster job: progress lines every 5 minutes, at most $50 of API calls for this shard
+  bagel-ft data trajectories --config configs/data/gpt4o.yaml --prompts prompts.txt --out runs/data/traj \\
+      --max-cost 50 --progress-every 300 > traj.log 2>&1
 
   # any config field from the command line
   bagel-ft data trajectories --out runs/data/t --num 20 --set pipeline.image_size=256 --set pipeline.max_steps=4
 
-Output: OUT/part-*.parquet (rows: bagel_ft.trajectory.datasets_features()), OUT/manifest-*.json,
-OUT/summary-*.json, OUT/config.yaml, OUT/cache/. `merge` writes OUT/data-*.parquet, one row per record id;
+Output: OUT/part-*.parquet (rows: bagel_ft.trajectory.datasets_features()), OUT/manifest-*.sqlite,
+OUT/summary-*.json, OUT/config.yaml, OUT/cache/calls.sqlite (an earlier version's per-file cache and JSON
+manifest are moved into these on the next run). `merge` writes OUT/data-*.parquet, one row per record id;
 load with datasets.load_dataset("parquet", data_files="OUT/data-*.parquet").
 """
 
@@ -82,7 +95,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         p.add_argument("--shard", default="0/1", help="I/N: this run does the prompts whose hash is I mod N")
         p.add_argument("--concurrency", type=int, default=None, help="requests in flight (endpoint.concurrency)")
         p.add_argument("--seed", type=int, default=0, help="run seed: generated prompts and every per-prompt seed")
-        p.add_argument("--cache", default=None, help="call cache directory (default OUT/cache); share it between runs")
+        p.add_argument(
+            "--cache", default=None, help="call cache directory (default OUT/cache); share it between runs of a machine"
+        )
+        p.add_argument("--max-requests", type=int, default=None, help="stop at N HTTP requests (run.max_requests)")
+        p.add_argument("--max-cost", type=float, default=None, help="stop at an estimated USD spend (run.max_cost)")
+        p.add_argument(
+            "--progress-every", type=float, default=None, help="seconds between progress lines without a terminal"
+        )
         p.set_defaults(_data_run=_run_pipeline)
     m = sub.add_parser("merge", help="merge run / shard directories into one deduplicated dataset")
     m.add_argument("--out", required=True, help="directory for data-*.parquet and summary.json")
@@ -111,6 +131,13 @@ def _run_pipeline(args: argparse.Namespace) -> int:
             overrides.append(f"endpoint.concurrency={args.concurrency}")
         if args.cache:
             overrides.append(f"cache_dir={args.cache}")
+        for flag, key in (
+            ("max_requests", "max_requests"),
+            ("max_cost", "max_cost"),
+            ("progress_every", "progress_every_s"),
+        ):
+            if getattr(args, flag) is not None:
+                overrides.append(f"run.{key}={getattr(args, flag)}")
         cfg = load_config(args.config, overrides)
         shard = parse_shard(args.shard)
     except (ConfigError, ValueError) as e:
@@ -142,6 +169,12 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     except (FatalError, ConfigError, MissingAPIKey) as e:
         print(f"bagel-ft data: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C: quit at once (the cache and the finished chunks are safe)
+        print("bagel-ft data: quit; re-run the same command to resume", file=sys.stderr)
+        return 130
+    if result.stopped:
+        print(f"bagel-ft data: stopped ({result.stopped}); re-run the same command to resume", file=sys.stderr)
+        return {"interrupted": 130, "terminated": 143}.get(result.stopped, 4)
     return 0 if result.complete else 3
 
 

@@ -101,6 +101,18 @@ class PipelineConfig:
 
 
 @dataclass
+class RunConfig:
+    """How a run proceeds: budgets over all the runs of a shard, and progress. None of it shapes the
+    records, so none of it is in the fingerprint. At a cap the run stops cleanly (exit 4); raise it and
+    re-run to continue."""
+
+    max_requests: int = 0  # HTTP requests the shard may send, retries included (0 = no cap)
+    max_cost: float = 0.0  # estimated USD the shard may spend, from `prices` (0 = no cap)
+    prices: dict = field(default_factory=dict)  # model -> {prompt: USD per 1M prompt tokens, completion: ...}
+    progress_every_s: float = 30.0  # without a terminal: one progress line on stderr every this many seconds
+
+
+@dataclass
 class DataConfig:
     endpoint: EndpointConfig = field(default_factory=EndpointConfig)
     backends: BackendsConfig = field(default_factory=BackendsConfig)
@@ -109,6 +121,7 @@ class DataConfig:
     bagel_editor: BagelEditorConfig = field(default_factory=BagelEditorConfig)
     model_sampler: ModelSamplerConfig = field(default_factory=ModelSamplerConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
     cache_dir: str = ""  # call cache; "" = OUT/cache. Share one between runs to reuse paid calls
 
     def validate(self) -> None:
@@ -161,9 +174,35 @@ class DataConfig:
                 "backends use an endpoint (llm extractor / vlm judge) but endpoint.base_url or endpoint.model is empty",
             )
         )
-        errors = [msg for ok, msg in checks if not ok] + self.endpoint.problems("endpoint")
+        errors = [msg for ok, msg in checks if not ok] + self.endpoint.problems("endpoint") + self._run_problems()
         if errors:
             raise ConfigError("invalid data config:\n  " + "\n  ".join(errors))
+
+    def _run_problems(self) -> list[str]:
+        r, errors = self.run, []
+        for model, price in r.prices.items():
+            if not (
+                isinstance(price, dict)
+                and set(price) == {"prompt", "completion"}
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in price.values())
+            ):
+                errors.append(
+                    f"run.prices.{model}: expected {{prompt: USD per 1M tokens, completion: USD per 1M tokens}}, "
+                    f"got {price!r}"
+                )
+        if r.max_requests < 0:
+            errors.append(f"run.max_requests: expected >= 0 (0 = no cap), got {r.max_requests}")
+        if r.max_cost < 0:
+            errors.append(f"run.max_cost: expected >= 0 (0 = no cap), got {r.max_cost}")
+        uses_endpoint = self.backends.extractor == "llm" or self.backends.judge == "vlm"
+        if r.max_cost > 0 and uses_endpoint and self.endpoint.model not in r.prices:
+            errors.append(
+                f"run.max_cost needs the price of endpoint.model {self.endpoint.model!r} in run.prices "
+                f"(has {sorted(r.prices)})"
+            )
+        if r.progress_every_s <= 0:
+            errors.append(f"run.progress_every_s: expected > 0, got {r.progress_every_s}")
+        return errors
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -171,8 +210,9 @@ class DataConfig:
     def fingerprint(self) -> str:
         """Hash of everything that shapes the records (not concurrency, timeouts, cache location)."""
         d = self.to_dict()
-        for k in ("timeout_s", "max_attempts", "backoff_base_s", "backoff_max_s", "concurrency"):
+        for k in ("timeout_s", "max_attempts", "backoff_base_s", "backoff_max_s", "rate_limit_wait_s", "concurrency"):
             d["endpoint"].pop(k)
+        d.pop("run")
         d.pop("cache_dir")
         d["kontext"].pop("device")
         if self.backends.editor != "kontext":  # counts where it draws (so adding the field changed no fingerprint)

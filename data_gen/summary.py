@@ -9,16 +9,26 @@ Vocabulary (the same in code, logs and the JSON):
              retries it (reason -> count).
   invalid    every reply that did not parse or validate, repaired later or not, and every sampled stream
              that broke the PSIR format (reason -> count).
-  retries    re-sends after 429 / 5xx / timeouts / connection errors (reason -> count).
+  retries    re-sends after 429 / 5xx / timeouts / connection errors / cut-off bodies (reason -> count).
   requests   HTTP requests sent per endpoint (first tries + retries); cache hits send none.
+  tokens     prompt / completion tokens of every reply from the server (repairs, unusable replies too).
+Token usage is run statistics only: records carry none, so a record is the same bytes however many
+retries or repairs it took.
+
+`Progress` shows a run going: a tqdm bar on a terminal, otherwise (nohup, a cluster job's log) one line on
+stderr every `run.progress_every_s` seconds: prompts done / total, rate, ETA, then the runner's status
+(requests, in flight, retries, tokens, estimated cost).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import sys
 import threading
+import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -65,14 +75,21 @@ class Summary:
             d.update({name: dict(sorted(getattr(self, name).items())) for name in COUNTERS})
         return d
 
+    def total(self, counter: str, key: str | None = None) -> int:
+        """`counter[key]`, or the sum over its keys (`kept` / `items`: the number)."""
+        with self._lock:
+            if counter in ("kept", "items"):
+                return getattr(self, counter)
+            values = getattr(self, counter)
+            return values[key] if key is not None else sum(values.values())
+
     def line(self) -> str:
-        return f"kept={self.kept} rejected={sum(self.rejected.values())} failed={sum(self.failed.values())}"
+        return f"kept={self.kept} rejected={self.total('rejected')} failed={self.total('failed')}"
 
 
 # Summaries that also receive every count made by the current task (a chunk's own counters, kept in its
-# manifest entry) and the usage of every reply an item's calls return, cached or not (the record's meta).
+# manifest entry).
 _SCOPES: ContextVar[tuple[Summary, ...]] = ContextVar("summary_scopes", default=())
-_USAGE: ContextVar[Counter | None] = ContextVar("reply_usage", default=None)
 
 
 @contextmanager
@@ -83,23 +100,6 @@ def scoped(summary: Summary) -> Iterator[Summary]:
         yield summary
     finally:
         _SCOPES.reset(token)
-
-
-@contextmanager
-def usage_scope() -> Iterator[Counter]:
-    """Collect the token usage of every reply within this block, cache hits included (deterministic)."""
-    usage: Counter = Counter()
-    token = _USAGE.set(usage)
-    try:
-        yield usage
-    finally:
-        _USAGE.reset(token)
-
-
-def add_usage(usage: dict[str, int]) -> None:
-    counter = _USAGE.get()
-    if counter is not None:
-        counter.update(usage)
 
 
 def report(path: Path, total: Summary, this_run: Summary, cache_stats: dict, extra: dict[str, Any]) -> str:
@@ -116,9 +116,22 @@ def report(path: Path, total: Summary, this_run: Summary, cache_stats: dict, ext
         f"  failed:   {_fmt(t['failed'])}",
         f"  invalid replies: {_fmt(t['invalid'])}",
         f"  this run: requests {_fmt(r['requests'])}, retries {_fmt(r['retries'])}, tokens {_fmt(r['tokens'])}",
-        f"  cache: {_fmt(cache)}",
-        f"  -> {path}",
     ]
+    if "requests_in_flight" in extra:
+        f = extra["requests_in_flight"]
+        lines.append(
+            f"  requests in flight: {f['mean']} on average ({f['mean_to_last_start']} until the last prompt "
+            f"started) of {f['mean_allowed']} allowed (lowest limit {f['lowest_allowed']})"
+        )
+    if "spent" in extra:
+        cost = extra.get("cost_usd")
+        lines.append(
+            f"  all runs of this shard: {_fmt(extra['spent'])}" + (f", est. ${cost:.4f}" if cost is not None else "")
+        )
+    lines.append(f"  cache: {_fmt(cache)}")
+    if extra.get("stopped"):
+        lines.append(f"  stopped: {extra['stopped']} (re-run the same command to resume)")
+    lines.append(f"  -> {path}")
     return "\n".join(lines)
 
 
@@ -126,6 +139,45 @@ def _fmt(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) or "none"
 
 
-def progress(total: int, desc: str) -> tqdm:
-    """A progress bar over prompts with rate (prompts/s); quiet when stderr is not a terminal."""
-    return tqdm(total=total, desc=desc, unit="prompt", dynamic_ncols=True, disable=None, mininterval=1.0)
+class Progress:
+    """Prompts done of `total` (see the module doc); `status()` adds the runner's counters to a line."""
+
+    def __init__(self, total: int, done: int, desc: str, every_s: float, status: Callable[[], str]):
+        self.total, self.done, self.desc, self.every_s, self.status = total, done, desc, every_s, status
+        self._start_done, self._start = done, time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            self.bar = tqdm(total=total, initial=done, desc=desc, unit="prompt", dynamic_ncols=True, mininterval=1.0)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix_str(self.status(), refresh=False)
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self._start
+        rate = (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.done
+        eta = _duration(left / rate) if rate > 0 else ("0s" if left == 0 else "?")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return f"{self.desc}: {self.done}/{self.total} prompts ({pct:.1f}%), {rate:.2f}/s, ETA {eta} | {self.status()}"
+
+    async def log_lines(self) -> None:
+        """Without a terminal: a line every `every_s` seconds (run as a task; cancel it at the end)."""
+        if self.bar is not None:
+            return
+        while True:
+            await asyncio.sleep(self.every_s)
+            print(self.line(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            print(self.line(), file=sys.stderr, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"

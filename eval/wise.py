@@ -3,7 +3,7 @@
   <out>/images/{prompt_id}.png          one image per prompt (the layout WISE's gpt_eval.py reads)
   <out>/gen/{prompt_id}.json            ours: seed + cost (+ trajectory path) of the image
   <out>/trajectories/{prompt_id}.traj/  ours: the PSIR trajectory, when the generator returns one
-  <out>/judge_cache/ab/<sha256>.json    judge replies, keyed by the full request (inference.call_cache)
+  <out>/judge_cache/calls.sqlite        judge replies, keyed by the full request (inference.call_cache)
   <out>/scores_results.jsonl            WISE's own score file format (999 = not scored): their
                                         wise_*.py scripts run on it unchanged
   <out>/records.jsonl, summary.json     ours (see eval/run_dir.py)
@@ -14,7 +14,7 @@ through `inference.endpoint` (the client data_gen uses) with WISE's `gpt_eval.py
 overall = 0.4 culture + 0.167 time + 0.133 space + 0.1 (biology + physics + chemistry).
 
 Where we depart from gpt_eval.py (for robustness, not for scores):
-  * well-formed replies are cached (a re-run re-asks nothing already answered) and written atomically;
+  * well-formed replies are cached (a re-run re-asks nothing already answered), each committed at once;
   * 429 / 5xx / timeouts / connection errors retry with exponential backoff (WISE: 10 tries, 5 s apart);
     401 / 403 / 404 stop the run (a wrong key, model or URL fails every image the same way);
   * a reply missing a score, or with a score outside 0-2, is "malformed": asked again up to

@@ -2,10 +2,20 @@
 shapes world, editors, samplers). Users: data_gen (every call), eval.wise (judge replies).
 
 Key: sha256 of the canonical JSON of the request (endpoint, model, messages with every image replaced by
-the sha256 of its bytes, schema, seed, temperature, ...). Value: one JSON file `ROOT/ab/<key>.json`,
-written to a temporary file and `os.replace`d, so a value is complete or absent even after SIGKILL, and a
-re-run after a crash repeats no call whose reply had arrived. Images inside values are base64 PNG text
-(`image_text` / `text_image`).
+the sha256 of its bytes, schema, seed, temperature, ...). Value: JSON text (images inside as base64 PNG text,
+`image_text` / `text_image`).
+
+Store: one SQLite file per cache directory, `ROOT/calls.sqlite`, in WAL mode (`connect`). Every `put` is one
+committed transaction, so a value is complete or absent even after SIGKILL, and a re-run after a crash
+repeats no call whose reply had arrived; millions of entries are one file, appended to. Threads and
+processes of one machine may share a directory (SQLite's locks; a writer waits up to a minute for
+another); machines should not share one over a network filesystem (WAL needs one host): give each machine
+its own, as data_gen's default (OUT/cache) does. `delete` drops values a caller found unusable (a reply that
+stayed invalid after repair: a re-run asks again).
+
+Migration: earlier versions wrote one file per call (`ROOT/ab/<key>.json`). Opening such a directory moves
+those values into the store once, in batches, each file removed after its batch is committed (an
+interrupted migration continues at the next open; a value already in the store is kept).
 """
 
 from __future__ import annotations
@@ -13,8 +23,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
+import logging
 import re
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +36,7 @@ from PIL import Image
 
 from bagel_ft.trajectory import image_to_png, png_to_image
 
+log = logging.getLogger(__name__)
 _DATA_URL = re.compile(r"^data:image/[a-z]+;base64,(.*)$", re.S)
 
 
@@ -69,39 +81,57 @@ def text_image(text: str) -> Image.Image:
 
 
 class CallCache:
-    """A directory of JSON values by request key; thread-safe counters of hits and misses per endpoint."""
+    """The store of one cache directory: JSON values by request key; thread-safe counters of hits and
+    misses per endpoint."""
+
+    FILE = "calls.sqlite"
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.path = self.root / self.FILE
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one connection, shared by this process's threads
+        self._db = connect(self.path)
+        with self._lock, self._db:
+            self._db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        migrate_files(self)
 
-    def _path(self, key: str) -> Path:
-        return self.root / key[:2] / f"{key}.json"
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
     def get(self, key: str) -> Any | None:
-        try:
-            return json.loads(self._path(key).read_text())
-        except FileNotFoundError:
-            return None
-        except json.JSONDecodeError:  # cannot happen with atomic writes unless edited by hand: treat as a miss
-            return None
+        with self._lock:
+            row = self._db.execute("SELECT value FROM calls WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
 
     def put(self, key: str, value: Any) -> None:
-        path = self._path(key)
-        path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp.write_text(canonical_json(value))
-        os.replace(tmp, path)
+        self.put_many([(key, canonical_json(value))])
+
+    def put_many(self, items: list[tuple[str, str]], *, replace: bool = True) -> None:
+        """(key, JSON text) pairs in one transaction; `replace=False` keeps values already stored."""
+        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
+        with self._lock, self._db:
+            self._db.executemany(f"{verb} INTO calls (key, value) VALUES (?, ?)", items)
+
+    def delete(self, keys: list[str]) -> None:
+        with self._lock, self._db:
+            self._db.executemany("DELETE FROM calls WHERE key = ?", [(k,) for k in keys])
+
+    def key(self, endpoint: str, request: dict[str, Any]) -> str:
+        return request_key({"endpoint": endpoint, **request})
+
+    def count(self, endpoint: str, hit: bool) -> None:
+        with self._lock:
+            (self.hits if hit else self.misses)[endpoint] += 1
 
     def lookup(self, endpoint: str, request: dict[str, Any]) -> tuple[str, Any | None]:
         """(key, cached value or None), counting the hit or miss for `endpoint`."""
-        key = request_key({"endpoint": endpoint, **request})
+        key = self.key(endpoint, request)
         value = self.get(key)
-        with self._lock:
-            (self.hits if value is not None else self.misses)[endpoint] += 1
+        self.count(endpoint, value is not None)
         return key, value
 
     def memo(self, endpoint: str, request: dict[str, Any], compute: Callable[[], Any]) -> Any:
@@ -113,5 +143,67 @@ class CallCache:
         return value
 
     def stats(self) -> dict[str, dict[str, int]]:
-        names = sorted(set(self.hits) | set(self.misses))
-        return {n: {"hits": self.hits[n], "misses": self.misses[n]} for n in names}
+        with self._lock:
+            names = sorted(set(self.hits) | set(self.misses))
+            return {n: {"hits": self.hits[n], "misses": self.misses[n]} for n in names}
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite file `path` (created if absent) for one process's threads, which must
+    serialise on a lock of their own: WAL journal (readers never wait; a commit is one append, no fsync:
+    durable against a killed process, and an OS crash loses at most the last commits, never the file),
+    a 60 s wait for another process's write lock. `with conn:` commits a transaction."""
+    conn = sqlite3.connect(path, timeout=60.0, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+# ---- one-shot migration of the per-file layout ----------------------------------------------------------
+MIGRATE_BATCH = 20_000  # files per transaction
+
+
+def migrate_files(cache: CallCache) -> int:
+    """Move `ROOT/ab/<key>.json` values into the store (see the module doc); the number moved."""
+    dirs = sorted(d for d in cache.root.iterdir() if d.is_dir() and _LEGACY_DIR.fullmatch(d.name))
+    moved = 0
+    for d in dirs:
+        batch, done = [], []
+        for path in d.iterdir():
+            if path.name.startswith("."):  # a temporary file of a killed writer
+                done.append(path)
+                continue
+            try:
+                text = path.read_text()
+                json.loads(text)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                log.warning("%s: unreadable cached value, dropped", path)
+                done.append(path)
+                continue
+            batch.append((path.stem, text))
+            done.append(path)
+            if len(batch) >= MIGRATE_BATCH:
+                moved += _commit_batch(cache, batch, done)
+                batch, done = [], []
+        moved += _commit_batch(cache, batch, done)
+        try:
+            d.rmdir()
+        except OSError:  # a file appeared meanwhile (an older version still running): next open takes it
+            pass
+    if moved:
+        log.warning("%s: moved %d cached values from one file each into %s", cache.root, moved, cache.path.name)
+    return moved
+
+
+def _commit_batch(cache: CallCache, batch: list[tuple[str, str]], done: list[Path]) -> int:
+    cache.put_many(batch, replace=False)
+    for path in done:  # only after the commit: a kill in between leaves files to move again, nothing lost
+        path.unlink(missing_ok=True)
+    return len(batch)
+
+
+_LEGACY_DIR = re.compile(r"[0-9a-f]{2}")

@@ -1,23 +1,33 @@
-"""The one client for OpenAI-compatible chat endpoints: counted retries, bounded concurrency, image parts,
+"""The one client for OpenAI-compatible chat endpoints: counted retries, adaptive concurrency, image parts,
 structured JSON output and a content-addressed cache of replies (call_cache.py).
 
 Users: data_gen (scene-graph extractor and VLM judge, async, JSON schema), eval.wise (the WISE judge,
 from threads) and inference.verifiers (the `vlm` critic, synchronous). Their prompts, schemas and reply
 parsers stay in their own modules; everything about talking to the server is here.
 
-* The official `openai.AsyncOpenAI` with `max_retries=0`: retries happen here, so each is counted.
-  429 / 5xx / 408 / 409 / timeouts / connection errors are retried with exponential backoff and jitter (a
-  server's Retry-After is honoured, capped); other statuses fail at once (`CallFailed`), and 401/403/404
-  stop the caller (`FatalError`): a wrong key, model or URL fails every request the same way.
-* At most `EndpointConfig.concurrency` requests in flight (an asyncio semaphore); callers may await many.
+* The official `openai.AsyncOpenAI` with `max_retries=0`: retries happen here, so each is counted, by
+  reason, never a traceback (the policy: retries.py). Transient faults — 5xx / 408 / 409, timeouts,
+  connection errors (refused, reset, a body cut off midway), a 200 whose body is not JSON — are retried
+  with backoff up to `max_attempts` tries; 429s each wait at least the server's Retry-After, until a
+  request has waited `rate_limit_wait_s` on them (a rate limit slows a run down, it does not fail its
+  prompts). Other statuses fail at once (`CallFailed`); 401/403/404 and a used-up quota stop the caller
+  (`FatalError`): a wrong key, model or URL fails every request the same way.
+* Requests in flight: at most `EndpointConfig.concurrency`, lowered under sustained rate limiting and
+  recovered after it (AIMD, concurrency.py). Callers may await any number of calls. A call sleeping before
+  a retry runs `backoff_hook` (a context variable: data_gen's window frees the item's place meanwhile).
   `SyncChatClient` is the same client for synchronous callers (any thread): it runs an event loop of its own.
+* Identical requests in flight at once are sent once (single flight): the others await the first's reply.
+* `stop(reason)` (Ctrl-C, a budget; `budget()` is asked before every request) sends nothing more: calls
+  waiting for a slot or sleeping before a retry raise `Stopped`; requests already sent finish and are cached.
 * Structured output: `response_format={"type": "json_schema", ...}`; a server that refuses it (HTTP 400
   naming response_format) switches this client to `json_object` mode with the schema in the prompt.
 * `complete_json` parses and validates a reply; an invalid reply is counted, answered with the error
-  (repair), and after `repair_attempts` becomes `Rejected` — never a crash, never kept.
+  (repair), and after `repair_attempts` becomes `InvalidAfterRepair` (a `Rejected`) — never a crash,
+  never kept: the exchange's replies are dropped from the cache, so a re-run asks again.
 * Images go to a VLM as base64 PNG data URLs (`image_part` / `png_part`); the cache keys them by content hash.
 * Replies are cached by request (`CallCache`, optional); `cache_when` keeps a reply out of the cache (a
-  caller that re-asks the same request after a malformed reply, like WISE's judge).
+  caller that re-asks the same request after a malformed reply, like WISE's judge). Token usage of every
+  reply from the server (repairs and unusable replies included) goes to the `tokens` counter.
 
 The API key is read from the environment variable NAMED by `api_key_env`; it is never logged, cached or
 written (`EndpointConfig` holds only the name). `openai` is imported on first use: importing this module
@@ -28,24 +38,28 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import dataclasses
 import json
 import os
-import random
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
 from bagel_ft.trajectory import image_to_png
-from inference.call_cache import CallCache
+from inference.call_cache import CallCache, request_key
+from inference.concurrency import AdaptiveLimit
+from inference.retries import Attempts, GiveUp, retry_after, status_reason, transport_reason
 
 T = TypeVar("T")
-RETRY_STATUS = {408: "timeout", 409: "conflict", 429: "rate_limited"}  # plus every 5xx: "server_error"
-FATAL_STATUS = {401, 403, 404}
 STRUCTURED_MODES = ("json_schema", "json_object")
 LOCAL_HOSTS = ("://127.0.0.1", "://localhost", "://0.0.0.0", "://[::1]")
 
@@ -64,7 +78,14 @@ class InvalidReply(ReasonedError):
 
 class Rejected(ReasonedError):
     """Drop this item on purpose (an invalid reply that repair could not fix, or a caller's own reason);
-    data_gen counts it under `rejected`. Never retried: the run is deterministic."""
+    data_gen counts it under `rejected`. Not retried in the run: the run is deterministic."""
+
+
+class InvalidAfterRepair(Rejected):
+    """A reply that stayed invalid after every repair: rejected in this run, but not cached, so a re-run
+    asks again (data_gen redoes its chunk)."""
+
+    replayed = False  # every reply of the exchange came without a request (from the cache)
 
 
 class CallFailed(ReasonedError):
@@ -73,7 +94,12 @@ class CallFailed(ReasonedError):
 
 
 class FatalError(RuntimeError):
-    """Stop the whole run (bad credentials, unknown model, a backend that cannot work)."""
+    """Stop the whole run (bad credentials, unknown model, a used-up quota, a backend that cannot work)."""
+
+
+class Stopped(ReasonedError):
+    """The client was stopped (`ChatClient.stop`: Ctrl-C, a budget) before this call was sent; a re-run
+    makes it."""
 
 
 class MissingAPIKey(ValueError):
@@ -89,10 +115,11 @@ class EndpointConfig:
     model: str = ""  # model name sent with every request
     api_key_env: str = "OPENAI_API_KEY"  # NAME of the env var holding the key ("" = server needs none)
     timeout_s: float = 120.0  # per request, seconds
-    max_attempts: int = 6  # tries per request on 429 / 5xx / timeout / connection error
+    max_attempts: int = 6  # tries per request on 5xx / timeout / connection error / cut-off body
     backoff_base_s: float = 1.0  # first backoff; doubles per attempt, with jitter
-    backoff_max_s: float = 60.0  # cap of one backoff (and of a server's Retry-After)
-    concurrency: int = 16  # requests in flight
+    backoff_max_s: float = 60.0  # cap of one backoff (a server's longer Retry-After is still honoured)
+    rate_limit_wait_s: float = 900.0  # a request retries 429s until it has waited this long on them in all
+    concurrency: int = 16  # most requests in flight (fewer while the server rate-limits, see concurrency.py)
     temperature: float = 0.0
     max_tokens: int = 2048
     structured_output: str = "json_schema"  # "json_schema" (falls back to "json_object" if refused) | "json_object"
@@ -106,6 +133,10 @@ class EndpointConfig:
             ),
             (self.concurrency >= 1, f"{prefix}.concurrency: expected >= 1, got {self.concurrency}"),
             (self.max_attempts >= 1, f"{prefix}.max_attempts: expected >= 1, got {self.max_attempts}"),
+            (
+                self.rate_limit_wait_s >= 0,
+                f"{prefix}.rate_limit_wait_s: expected >= 0, got {self.rate_limit_wait_s}",
+            ),
         ]
         return [msg for ok, msg in checks if not ok]
 
@@ -172,7 +203,13 @@ class Reply:
     text: str
     usage: dict[str, int]
     finish_reason: str
-    cached: bool
+    cached: bool  # from the cache, or the reply of an identical request in flight (no request of its own)
+    key: str = ""  # the request's cache key
+
+
+# A context manager factory entered while a call sleeps before a retry (the call holds no request slot then):
+# data_gen's window lets another item start meanwhile. Set per task; None: nothing to do.
+backoff_hook: ContextVar[Callable[[], AbstractAsyncContextManager] | None] = ContextVar("backoff_hook", default=None)
 
 
 # ---- the client -------------------------------------------------------------------------------------------------
@@ -187,27 +224,37 @@ class ChatClient:
         name: str = "chat",
         *,
         api_key: str | None = None,
-        on_usage: Callable[[dict[str, int]], None] | None = None,
+        budget: Callable[[], str | None] | None = None,
     ):
         """`api_key` None: `resolve_api_key(cfg.api_key_env)` (strict). `name` keys the cache and the
-        `requests` counter. `on_usage(usage)` sees the usage of every reply, cached ones included."""
+        `requests` counter. `budget()`, asked before every request, returns why no more may be sent (then
+        the client stops) or None."""
         import openai
 
         self.cfg, self.cache, self.name = cfg, cache, name
         self.counters = counters if counters is not None else CallStats()
-        self.on_usage = on_usage
+        self.budget = budget
         self.mode = cfg.structured_output  # may fall back to "json_object" once per client
         key = api_key if api_key is not None else resolve_api_key(cfg.api_key_env, cfg.base_url)
         self._client = openai.AsyncOpenAI(base_url=cfg.base_url, api_key=key, timeout=cfg.timeout_s, max_retries=0)
-        self._slots = asyncio.Semaphore(cfg.concurrency)
+        self.limit = AdaptiveLimit(cfg.concurrency)
+        self._in_flight: dict[str, asyncio.Future] = {}  # request key -> its reply, while it is being fetched
         self._fatal: str | None = None  # set by the first 401/403/404: later calls fail without a request
-        self._jitter = random.Random()  # timing only; never touches the data
+        self.stopped: str | None = None  # why the client sends nothing more (`stop`)
+        self._stop_event: asyncio.Event | None = None  # made on the client's loop (`_sleep`)
 
     def __repr__(self) -> str:  # never show the key
         return f"ChatClient(name={self.name!r}, base_url={self.cfg.base_url!r}, model={self.cfg.model!r})"
 
     async def close(self) -> None:
         await self._client.close()
+
+    def stop(self, reason: str) -> None:
+        """Send nothing more (call on the client's loop): waiting calls raise `Stopped(reason)`."""
+        if self.stopped is None:
+            self.stopped = reason
+            if self._stop_event is not None:
+                self._stop_event.set()
 
     # ---- one request ---------------------------------------------------------------------------------
     async def complete(
@@ -219,8 +266,8 @@ class ChatClient:
         seed: int | None = None,
         cache_when: Callable[[Reply], bool] | None = None,
     ) -> Reply:
-        """The reply to `messages` from the cache, or from the server (retrying transient errors); a reply
-        from the server is cached unless `cache_when(reply)` is false."""
+        """The reply to `messages` from the cache, from an identical request in flight, or from the server
+        (retrying transient errors); a reply from the server is cached unless `cache_when(reply)` is false."""
         cfg = self.cfg
         request = {
             "base_url": cfg.base_url,
@@ -231,10 +278,35 @@ class ChatClient:
             "temperature": cfg.temperature,
             "max_tokens": cfg.max_tokens,
         }
-        key, hit = self.cache.lookup(self.name, request) if self.cache is not None else (None, None)
+        key = request_key({"endpoint": self.name, **request})
+        shared = self._in_flight.get(key)
+        if shared is not None:  # single flight: this request is being sent already
+            if self.cache is not None:
+                self.cache.count(self.name, hit=True)
+            return dataclasses.replace(await asyncio.shield(shared), cached=True)
+        hit = self.cache.get(key) if self.cache is not None else None
+        if self.cache is not None:
+            self.cache.count(self.name, hit is not None)
         if hit is not None:
-            self._usage(hit["usage"])
-            return Reply(hit["text"], hit["usage"], hit["finish_reason"], cached=True)
+            return Reply(hit["text"], hit["usage"], hit["finish_reason"], cached=True, key=key)
+        future = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            reply = await self._fetch(key, messages, schema, schema_name, seed, cache_when)
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        else:
+            future.set_result(reply)
+        finally:
+            del self._in_flight[key]
+        return reply
+
+    async def _fetch(self, key, messages, schema, schema_name, seed, cache_when) -> Reply:
         resp = await self._send(messages, schema, schema_name, seed)
         choice = resp.choices[0] if resp.choices else None
         usage = (
@@ -247,23 +319,20 @@ class ChatClient:
             usage=usage,
             finish_reason=(choice.finish_reason or "") if choice else "no_choices",
             cached=False,
+            key=key,
         )
         for k, v in usage.items():
             self.counters.count("tokens", k, v)
-        self._usage(usage)
         if self.cache is not None and (cache_when is None or cache_when(reply)):
             self.cache.put(key, {"text": reply.text, "usage": usage, "finish_reason": reply.finish_reason})
         return reply
 
-    def _usage(self, usage: dict[str, int]) -> None:
-        if self.on_usage is not None:
-            self.on_usage(usage)
-
     async def _send(self, messages, schema, schema_name, seed):
+        """One reply from the server, retrying as retries.py decides."""
         import openai
 
         cfg = self.cfg
-        attempt = 0
+        attempts = Attempts(cfg.max_attempts, cfg.backoff_base_s, cfg.backoff_max_s, cfg.rate_limit_wait_s)
         while True:
             kwargs = dict(model=cfg.model, messages=messages, temperature=cfg.temperature, max_tokens=cfg.max_tokens)
             if seed is not None:
@@ -271,43 +340,85 @@ class ChatClient:
             mode = self.mode
             if schema is not None:
                 kwargs.update(self._structured(messages, schema, schema_name, mode))
-            retry_after = None
+            wait_at_least = None
+            async with self.limit:
+                self._check_sendable()
+                self.counters.count("requests", self.name)
+                started = time.monotonic()
+                try:
+                    resp = await self._post(kwargs)
+                    self.limit.record("ok", time.monotonic() - started)
+                    return resp
+                except openai.APIStatusError as e:
+                    self.limit.record("rate_limited" if e.status_code == 429 else "error", time.monotonic() - started)
+                    reason = self._status_reason(e, schema is not None and mode == "json_schema")
+                    if reason is None:  # switched to json_object mode: ask again at once
+                        continue
+                    wait_at_least = retry_after(e)
+                except Exception as e:
+                    reason = transport_reason(e)
+                    if reason is None:
+                        raise
+                    self.limit.record(reason, time.monotonic() - started)
             try:
-                async with self._slots:
-                    if self._fatal is not None:  # a call that waited for a slot while another one got a 401
-                        raise FatalError(self._fatal)
-                    self.counters.count("requests", self.name)
-                    return await self._client.chat.completions.create(**kwargs)
-            except openai.APIStatusError as e:
-                status = e.status_code
-                if status in FATAL_STATUS:
-                    self._fatal = (
-                        f"{self.name}: HTTP {status} from {cfg.base_url} (model {cfg.model!r}): {_short(e)}; "
-                        f"check the endpoint's base_url, model and the key in ${cfg.api_key_env}"
-                    )
-                    raise FatalError(self._fatal) from e
-                if status == 400 and schema is not None and mode == "json_schema" and _mentions_format(e):
-                    self.mode = "json_object"  # the server has no json_schema support: ask for JSON in the prompt
-                    continue
-                if status not in RETRY_STATUS and status < 500:
-                    raise CallFailed(f"http_{status}", _short(e)) from e
-                reason = RETRY_STATUS.get(status, "server_error")
-                retry_after = _retry_after(e)
-            except openai.APITimeoutError:
-                reason = "timeout"
-            except openai.APIConnectionError:
-                reason = "connection"
-            attempt += 1
-            if attempt >= cfg.max_attempts:
-                raise CallFailed(reason, f"after {attempt} attempts")
+                seconds = attempts.wait(reason, wait_at_least)
+            except GiveUp as e:
+                raise CallFailed(e.reason, e.detail) from None
             self.counters.count("retries", reason)
-            await asyncio.sleep(self._backoff(attempt, retry_after))
+            await self._sleep(seconds)
 
-    def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        """Exponential backoff with equal jitter: [d/2, d], d = base * 2^(attempt-1), capped."""
-        d = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
-        d = d / 2 + self._jitter.uniform(0, d / 2)
-        return min(self.cfg.backoff_max_s, max(d, retry_after or 0.0))
+    async def _post(self, body: dict[str, Any]):
+        """POST /chat/completions -> `ChatCompletion`. The client's generic `post` (openai's way to call any
+        endpoint) rather than `chat.completions.create`: the same request and parsing without `create`'s
+        recursive transform of the parameters (plain dicts here, nothing to transform), which cost ~0.6 ms
+        of CPU per request with a JSON schema, ~15% of data_gen's whole CPU per request."""
+        from openai.types.chat import ChatCompletion
+
+        return await self._client.post("/chat/completions", cast_to=ChatCompletion, body=body)
+
+    def _check_sendable(self) -> None:
+        """Raise instead of sending: a 401 seen by another call, a stop, a budget used up."""
+        if self._fatal is not None:  # a call that waited for a slot while another one got a 401
+            raise FatalError(self._fatal)
+        if self.stopped is None and self.budget is not None:
+            reason = self.budget()
+            if reason is not None:
+                self.stop(reason)
+        if self.stopped is not None:
+            raise Stopped(self.stopped)
+
+    def _status_reason(self, e, json_schema_mode: bool) -> str | None:
+        """The retry reason of an HTTP error (None: retry at once in json_object mode); raises for errors
+        a retry cannot fix."""
+        cfg, status = self.cfg, e.status_code
+        reason = status_reason(status, str(getattr(e, "code", "") or ""))
+        if reason == "fatal":
+            self._fatal = f"{self.name}: HTTP {status} from {cfg.base_url} (model {cfg.model!r}): {_short(e)}; " + (
+                "the account's quota is used up"
+                if status == 429
+                else f"check the endpoint's base_url, model and the key in ${cfg.api_key_env}"
+            )
+            raise FatalError(self._fatal) from e
+        if status == 400 and json_schema_mode and _mentions_format(e):
+            self.mode = "json_object"  # the server has no json_schema support: ask for JSON in the prompt
+            return None
+        if reason == "failed":
+            raise CallFailed(f"http_{status}", _short(e)) from e
+        return reason
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep before a retry, in `backoff_hook`'s context; `Stopped` as soon as the client is stopped."""
+        if self._stop_event is None:
+            self._stop_event = asyncio.Event()
+        hook = backoff_hook.get()
+        async with hook() if hook is not None else contextlib.nullcontext():
+            if self.stopped is None:
+                try:
+                    await asyncio.wait_for(self._stop_event.wait(), seconds)
+                except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+                    pass
+        if self.stopped is not None:
+            raise Stopped(self.stopped)
 
     def _structured(self, messages: list[dict], schema: dict, name: str, mode: str) -> dict[str, Any]:
         if mode == "json_schema":
@@ -331,16 +442,32 @@ class ChatClient:
         seed: int | None = None,
     ) -> T:
         """`validate(parsed reply)`; an invalid reply (InvalidReply) is counted under `invalid`, shown to the
-        model with its error for up to `repair_attempts` re-asks, then the item is `Rejected`."""
-        messages = list(messages)
+        model with its error for up to `repair_attempts` re-asks, then the item is `InvalidAfterRepair` and
+        the exchange's replies leave the cache (a re-run asks again). An exchange replayed from the cache
+        that ends invalid (cached by an earlier version, or a stricter `validate`) is asked again at once."""
+        args = (messages, schema, validate, repair_attempts, schema_name, seed)
+        try:
+            return await self._json_exchange(*args)
+        except InvalidAfterRepair as e:
+            if not e.replayed:
+                raise
+            return await self._json_exchange(*args)
+
+    async def _json_exchange(self, messages, schema, validate, repair_attempts, schema_name, seed):
+        messages, replies = list(messages), []
         for attempt in range(repair_attempts + 1):
             reply = await self.complete(messages, schema=schema, schema_name=schema_name, seed=seed)
+            replies.append(reply)
             try:
                 return validate(parse_json_reply(reply))
             except InvalidReply as e:
                 self.counters.count("invalid", e.reason)
                 if attempt == repair_attempts:
-                    raise Rejected(e.reason, e.detail) from e
+                    if self.cache is not None:
+                        self.cache.delete([r.key for r in replies])
+                    failure = InvalidAfterRepair(e.reason, e.detail)
+                    failure.replayed = all(r.cached for r in replies)
+                    raise failure from e
                 messages += [
                     {"role": "assistant", "content": reply.text},
                     {
@@ -414,13 +541,6 @@ def _strict_compatible(schema: dict) -> bool:
 
 def _mentions_format(e: Exception) -> bool:
     return bool(re.search(r"response_format|json_schema", str(e), flags=re.I))
-
-
-def _retry_after(e: Any) -> float | None:
-    try:
-        return float(e.response.headers.get("retry-after", ""))
-    except (ValueError, AttributeError):
-        return None
 
 
 def _short(e: Exception) -> str:

@@ -1,10 +1,9 @@
-"""Crash safety: `bagel-ft data` killed with SIGKILL midway and re-run gives exactly the uninterrupted
-run's dataset, repeating no call whose reply had arrived."""
+"""Crash safety: `bagel-ft data` killed with SIGKILL midway, or stopped with Ctrl-C, and re-run gives exactly
+the uninterrupted run's dataset, repeating no call whose reply had arrived."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -12,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from fake_openai_server import FakeOpenAIServer, shapes_answer
 
 from data_gen import trajectories
 from data_gen.config import load_config
 from data_gen.runner import read_prompts, run_pipeline
-from data_gen.shards import merge
+from data_gen.shards import merge, read_manifests
 from scene_graphs.shapes import generate_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,14 +27,14 @@ CONCURRENCY = 2
 
 
 def chunks_done(out: Path) -> int:
-    manifest = out / "manifest-00000of00001.json"
     try:
-        return len(json.loads(manifest.read_text())["chunks"])
-    except (FileNotFoundError, json.JSONDecodeError):
+        return len(read_manifests(out, allow_partial=True)[0]["chunks"])
+    except FileNotFoundError:
         return 0
 
 
-def test_sigkill_midway_then_rerun_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+def interrupt_midway(tmp_path: Path, monkeypatch, sig: signal.Signals) -> dict:
+    """The uninterrupted run, then `bagel-ft data` sent `sig` after its first chunk, then a re-run."""
     monkeypatch.setenv(KEY_ENV, "sk-test")
     prompts = [p.text for p in generate_prompts(24, seed=5, categories=("position", "color_attr", "counting_colors"))]
     prompt_file = tmp_path / "prompts.txt"
@@ -52,40 +52,44 @@ def test_sigkill_midway_then_rerun_equals_the_uninterrupted_run(tmp_path, monkey
         reference_calls = [e["sha"] for e in server.log]
 
         out = tmp_path / "run"
-        server.delay = 0.2  # slow replies: the kill lands midway even on a busy machine
+        server.delay = 0.2  # slow replies: the signal lands midway even on a busy machine
         # `python -m data_gen.cli` is `bagel-ft data` without the other subcommands' start-up imports
-        cmd = [
-            sys.executable,
-            "-m",
-            "data_gen.cli",
-            "trajectories",
-            "--out",
-            str(out),
-            "--prompts",
-            str(prompt_file),
-            "--config",
-            str(config_file),
-            "--concurrency",
-            str(CONCURRENCY),
-        ]
+        cmd = [sys.executable, "-m", "data_gen.cli", "trajectories", "--out", str(out), "--prompts", str(prompt_file)]
+        cmd += ["--config", str(config_file), "--concurrency", str(CONCURRENCY)]
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while chunks_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-        assert 1 <= chunks_done(out) < 8, chunks_done(out)  # killed midway: 8 chunks of 3 prompts
-        killed_at = len(server.log)
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+        done_at_signal = chunks_done(out)
+        signalled_at = len(server.log)
         server.delay = 0.0
 
         # the re-run (in-process, to spare a second start-up: the same code as the CLI's)
         rerun = asyncio.run(run_pipeline(trajectories.NAME, trajectories.build, cfg, read_prompts(prompt_file), out))
-        assert rerun.complete and 0 < rerun.this_run.items < len(prompts)
         calls = [e["sha"] for e in server.log[len(reference_calls) :]]
-    assert chunks_done(out) == 8 and killed_at < len(server.log)
+    assert rerun.complete and 0 < rerun.this_run.items < len(prompts)
+    assert chunks_done(out) == 8 and signalled_at < len(server.log)
+    assert 1 <= done_at_signal < 8, done_at_signal  # stopped midway: 8 chunks of 3 prompts
     assert merge([out]).to_list() == merge([tmp_path / "reference"]).to_list()
-    # every request of the uninterrupted run was made, and only the ones in flight at the kill were made twice
+    # every request of the uninterrupted run was made
     assert set(calls) == set(reference_calls) and len(reference_calls) == len(set(reference_calls))
-    assert len(calls) - len(set(calls)) <= CONCURRENCY, (len(calls), len(set(calls)))
+    return {"returncode": proc.returncode, "stdout": stdout, "stderr": stderr, "repeated": len(calls) - len(set(calls))}
+
+
+@pytest.mark.timeout(120)
+def test_sigkill_midway_then_rerun_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    killed = interrupt_midway(tmp_path, monkeypatch, signal.SIGKILL)
+    assert killed["returncode"] == -signal.SIGKILL
+    assert killed["repeated"] <= CONCURRENCY  # only requests in flight at the kill can be made twice
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_cleanly_then_rerun_resumes(tmp_path, monkeypatch):
+    stopped = interrupt_midway(tmp_path, monkeypatch, signal.SIGINT)
+    assert stopped["returncode"] == 130
+    assert "Traceback" not in stopped["stderr"] and "interrupted" in stopped["stderr"]
+    assert "records kept from" in stopped["stdout"] and "stopped: interrupted" in stopped["stdout"]
+    assert stopped["repeated"] == 0  # the requests in flight finished and were cached: nothing asked twice

@@ -174,7 +174,7 @@ class FakeJudge(BaseHTTPRequestHandler):
         if prompt == SERVER_ERROR_ONCE and k == 1:
             return self._send(500, {"error": {"message": "boom", "type": "server_error"}})
         if prompt == TIMEOUT_ONCE and k == 1:
-            time.sleep(0.6)  # past the client's timeout_s
+            time.sleep(2.5)  # past the client's timeout_s (2 s: ample for a normal answer on a loaded machine)
         if (prompt == MALFORMED_ONCE and k == 1) or prompt == ALWAYS_MALFORMED:
             reply = "This image is lovely and I would rate it highly."
         else:
@@ -227,7 +227,7 @@ def test_end_to_end_with_fake_judge(tmp_path, fake_server, monkeypatch):
         api_key_env="FAKE_JUDGE_KEY",
         backoff_s=0.01,
         max_workers=3,
-        timeout_s=0.5,
+        timeout_s=2.0,
     )
     summary = wise.judge_wise(out, prompts, config, progress=False)
 

@@ -13,6 +13,7 @@ loaded model per (ckpt, device, dtype) and one `ModelRunner` (one model call at 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from data_gen.backends.base import Canvas, ImageEditor, Judge, Judgement, SceneGraphExtractor, TrajectorySampler
@@ -20,7 +21,7 @@ from data_gen.backends.models import BagelEditor, KontextEditor, ModelRunner, Mo
 from data_gen.backends.remote import LLMExtractor, VLMJudge
 from data_gen.backends.shapes import ShapesDrafter, ShapesEditor, ShapesExtractor, ShapesJudge
 from data_gen.config import DataConfig
-from data_gen.summary import Summary, add_usage
+from data_gen.summary import Summary
 from inference.call_cache import CallCache
 from inference.endpoint import ChatClient
 
@@ -53,12 +54,20 @@ class Backends:
             await self.client.close()
 
 
-def make_backends(cfg: DataConfig, cache: CallCache, summary: Summary, *, with_sampler: bool = False) -> Backends:
-    """The configured parts (call inside the event loop that will use them). A checkpoint loads here."""
+def make_backends(
+    cfg: DataConfig,
+    cache: CallCache,
+    summary: Summary,
+    *,
+    with_sampler: bool = False,
+    budget: Callable[[], str | None] | None = None,
+) -> Backends:
+    """The configured parts (call inside the event loop that will use them). A checkpoint loads here.
+    `budget`: the endpoint client asks it before every request (budget.py)."""
     b, size, repair = cfg.backends, cfg.pipeline.image_size, cfg.pipeline.repair_attempts
     client = None
     if b.extractor == "llm" or b.judge == "vlm":
-        client = ChatClient(cfg.endpoint, cache, summary, on_usage=add_usage)
+        client = ChatClient(cfg.endpoint, cache, summary, budget=budget)
     extractor = LLMExtractor(client, repair) if b.extractor == "llm" else ShapesExtractor(cache)
     runner = ModelRunner()  # our checkpoints: one call at a time, editor and sampler alike
     shapes_editor = ShapesEditor(cache, size)
