@@ -22,10 +22,7 @@ An HF `Qwen2ForCausalLM` checkpoint maps trivially: its keys prefixed with `lang
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +33,7 @@ from bagel_ft.config import BagelConfig
 from bagel_ft.embeddings import sincos_2d_table
 from bagel_ft.modeling import SINCOS_TABLE_KEYS, Bagel
 from bagel_ft.weights import INDEX_SUFFIX, CheckpointError, TensorSpec, WeightFiles, write_weights
+from common.atomic import replacing_directory
 
 MODEL_STEMS = ("ema", "model")  # first one present is loaded: STEM.safetensors or STEM.safetensors.index.json
 MODEL_FILES = tuple(f"{stem}.safetensors" for stem in MODEL_STEMS)
@@ -209,38 +207,3 @@ def _write_state(
 
     specs = [TensorSpec(k, tuple(t.shape), cast(t)) for k, t in state.items()]
     write_weights(directory, stem, specs, ((k, t.to(cast(t))) for k, t in state.items()), max_shard_bytes)
-
-
-@contextmanager
-def replacing_directory(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory to fill; on success it replaces `path` (renames, so a crash at any
-    point leaves either the previous directory or the new one, never a mix); on error it is removed."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{path}: exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # the previous directory (if any) is untouched
-        raise
-    if path.exists():
-        old = path.parent / f".{path.name}.old-{os.getpid()}"
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -12,13 +12,14 @@ The tags are plain text (not added tokens), see docs/format.md for why.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from PIL import Image
+
+from common.images import image_to_png, png_to_image
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # a version-1 record is a valid version-2 record (2 only added roles and subsets)
@@ -236,18 +237,6 @@ def next_after_text(turns: list[Turn], i: int) -> str | None:
 
 
 # ---- images and ids ------------------------------------------------------------------------------------
-def image_to_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def png_to_image(data: bytes | dict) -> Image.Image:
-    if isinstance(data, dict):  # datasets Image feature form {"bytes": ..., "path": ...}
-        data = data["bytes"]
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
 def record_id(subset: str, prompt: str, seed: Any = None, source: str = "") -> str:
     """Deterministic id: the same (subset, prompt, seed, source) always gives the same record id."""
     key = json.dumps([ID_VERSION, subset, prompt, seed, source], sort_keys=True)

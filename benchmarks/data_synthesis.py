@@ -85,7 +85,7 @@ def answer(body: dict) -> str:
 CEILING_TEXT = "ceiling request"
 CEILING = """
 import asyncio, sys, time
-from inference.endpoint import ChatClient, EndpointConfig
+from common.endpoint import ChatClient, EndpointConfig
 url, n, concurrency, text = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 async def main():
     client = ChatClient(EndpointConfig(base_url=url, model="fake-gpt", api_key_env="", concurrency=concurrency))

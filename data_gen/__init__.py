@@ -12,8 +12,8 @@ Layout (one place each):
   trajectories.py, critiques.py, alignment.py   the three pipelines
   cli.py         `bagel-ft data ...`
 
-Built on `inference`: the OpenAI-compatible client (`inference/endpoint.py`: structured output, counted
+Built on `common`: the OpenAI-compatible client (`common/endpoint.py`: structured output, counted
 retries (`retries.py`), adaptive concurrency (`concurrency.py`), single flight; also eval.wise's judge and
-the vlm critic), the content-addressed call cache (`inference/call_cache.py`, one SQLite file), and
-`inference.Generator` for our checkpoints (bagel editor, model sampler).
+the vlm critic), the content-addressed call cache (`common/call_cache.py`, one SQLite file), atomic writes;
+and on `inference.Generator` for our checkpoints (bagel editor, model sampler).
 """

@@ -117,12 +117,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
+    from common.endpoint import MissingAPIKey
     from data_gen import alignment, critiques, trajectories
     from data_gen.config import ConfigError, load_config
     from data_gen.errors import FatalError
     from data_gen.runner import read_prompts, run_pipeline, shapes_prompts
     from data_gen.shards import parse_shard
-    from inference.endpoint import MissingAPIKey
 
     module = {"trajectories": trajectories, "critiques": critiques, "alignment": alignment}[args.data_command]
     try:

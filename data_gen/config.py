@@ -2,7 +2,7 @@
 
 Every run writes its resolved config to `OUT/config.yaml`. With no endpoint configured every backend is
 the offline shapes world; `configs/data/gpt4o.yaml` and `configs/data/vllm_qwen.yaml` point the
-extractor and the judge at an OpenAI-compatible server (`endpoint:` is `inference.endpoint.EndpointConfig`);
+extractor and the judge at an OpenAI-compatible server (`endpoint:` is `common.endpoint.EndpointConfig`);
 `configs/data/critiques_from_ckpt.yaml` samples and edits with one of our checkpoints.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from common import config as config_io
 from common.config import ConfigError
-from inference.endpoint import EndpointConfig
+from common.endpoint import EndpointConfig
 from inference.settings import DTYPE_NAMES
 
 EXTRACTORS = ("shapes", "llm")

@@ -6,9 +6,9 @@
   FatalError   stop the run (bad credentials, unknown model, a backend that cannot work).
   InvalidReply a reply that does not parse or validate (counted under `invalid`; repaired or Rejected).
 
-The classes are the endpoint client's (`inference/endpoint.py`): a call ends in the same ways.
+The classes are the endpoint client's (`common/endpoint.py`): a call ends in the same ways.
 """
 
-from inference.endpoint import CallFailed, FatalError, InvalidReply, Rejected
+from common.endpoint import CallFailed, FatalError, InvalidReply, Rejected
 
 __all__ = ["CallFailed", "FatalError", "InvalidReply", "Rejected"]

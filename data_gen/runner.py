@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from bagel_ft.trajectory import Trajectory
+from common.call_cache import CallCache
+from common.endpoint import InvalidAfterRepair, Stopped, backoff_hook
 from data_gen.backends import Backends, make_backends
 from data_gen.budget import Budget
 from data_gen.config import DataConfig, save_config
 from data_gen.errors import CallFailed, FatalError, Rejected
 from data_gen.shards import Item, ShardOutput, chunk_items, select_items
 from data_gen.summary import Progress, Summary, report, scoped
-from inference.call_cache import CallCache
-from inference.endpoint import InvalidAfterRepair, Stopped, backoff_hook
 
 log = logging.getLogger(__name__)
 OPEN_CHUNKS_PER_WINDOW = 8  # finished-but-unwritten rows are bounded by this many windows' worth of prompts

@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -36,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bagel_ft.trajectory import Trajectory, datasets_features
-from inference.call_cache import connect
+from common.atomic import replacing
+from common.call_cache import connect
 
 log = logging.getLogger(__name__)
 ROW_GROUP = 128  # rows per parquet row group: the unit training reads and shuffles (training/data.py)
@@ -95,9 +95,8 @@ def write_parquet(records: list[Trajectory], path: Path) -> None:
 def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
     """`Trajectory.to_row()` rows as one parquet file, complete or absent (temporary file + rename)."""
     table = datasets.Dataset.from_list(rows, features=datasets_features()).data.table
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, row_group_size=ROW_GROUP)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        pq.write_table(table, tmp, row_group_size=ROW_GROUP)
 
 
 SPEND_KEYS = ("requests", "prompt_tokens", "completion_tokens")
@@ -339,8 +338,7 @@ def save_dataset(ds: datasets.Dataset, out_dir: str | Path, rows_per_file: int =
     paths = []
     for k in range(n):
         path = out_dir / f"data-{k:05d}-of-{n:05d}.parquet"
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table.slice(k * rows_per_file, rows_per_file), tmp, row_group_size=ROW_GROUP)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            pq.write_table(table.slice(k * rows_per_file, rows_per_file), tmp, row_group_size=ROW_GROUP)
         paths.append(path)
     return paths

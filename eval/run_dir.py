@@ -18,20 +18,25 @@ Trajectories (when the generator returns one) are stored beside their image as `
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from bagel_ft.trajectory import Trajectory
+from common.atomic import (  # noqa: F401  (eval's run folders are written through these; callers import them here)
+    TMP_PREFIX,
+    clean_tmp,
+    make_tmp_dir,
+    replacing_directory,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from common.errors import UserError
+from common.images import image_to_png
 
-TMP_PREFIX = ".tmp-"
 CONFIG_FILE = "config.json"
 RECORDS_FILE = "records.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -43,58 +48,8 @@ class RunDirError(UserError, RuntimeError):
     """A run directory cannot be used as asked (e.g. it was produced by a different config)."""
 
 
-# ---- atomic writes ---------------------------------------------------------------------------------
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent, the old content, or all of `data`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode("utf-8"))
-
-
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    write_text_atomic(
-        path, json.dumps(data, indent=1, ensure_ascii=False) + "\n"
-    )  # key order kept: it is the display order
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def save_png_atomic(path: str | Path, image: Image.Image) -> None:
-    write_bytes_atomic(path, png_bytes(image))
-
-
-def make_tmp_dir(parent: str | Path, name: str) -> Path:
-    """A fresh private directory beside the final `parent/name`, to be renamed into place when complete."""
-    Path(parent).mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=parent))
-
-
-def clean_tmp(parent: str | Path) -> int:
-    """Remove the `.tmp-*` debris a killed run left in `parent`; returns how many entries were removed."""
-    parent = Path(parent)
-    if not parent.is_dir():
-        return 0
-    removed = 0
-    for p in parent.iterdir():
-        if p.name.startswith(TMP_PREFIX):
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-            removed += 1
-    return removed
+    write_bytes_atomic(path, image_to_png(image))
 
 
 # ---- jsonl -------------------------------------------------------------------------------------------
@@ -156,17 +111,13 @@ def run_label(config: dict[str, Any], run: str | Path) -> str:
 # ---- trajectories ------------------------------------------------------------------------------------
 def save_trajectory(path: str | Path, traj: Trajectory) -> None:
     """Write `traj` as the folder `path` (record.json + one PNG per image), atomically."""
-    path = Path(path)
-    tmp = make_tmp_dir(path.parent, path.name)
     row = traj.to_row()
     images = row.pop("images")
     row["images"] = [f"{i}.png" for i in range(len(images))]
-    for name, data in zip(row["images"], images, strict=True):
-        (tmp / name).write_bytes(data)
-    (tmp / "record.json").write_text(json.dumps(row, indent=1, ensure_ascii=False))
-    if path.exists():
-        shutil.rmtree(path)
-    os.rename(tmp, path)
+    with replacing_directory(path) as tmp:
+        for name, data in zip(row["images"], images, strict=True):
+            (tmp / name).write_bytes(data)
+        (tmp / "record.json").write_text(json.dumps(row, indent=1, ensure_ascii=False))
 
 
 def load_trajectory(path: str | Path) -> Trajectory:

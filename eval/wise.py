@@ -3,13 +3,13 @@
   <out>/images/{prompt_id}.png          one image per prompt (the layout WISE's gpt_eval.py reads)
   <out>/gen/{prompt_id}.json            ours: seed + cost (+ trajectory path) of the image
   <out>/trajectories/{prompt_id}.traj/  ours: the PSIR trajectory, when the generator returns one
-  <out>/judge_cache/calls.sqlite        judge replies, keyed by the full request (inference.call_cache)
+  <out>/judge_cache/calls.sqlite        judge replies, keyed by the full request (common.call_cache)
   <out>/scores_results.jsonl            WISE's own score file format (999 = not scored): their
                                         wise_*.py scripts run on it unchanged
   <out>/records.jsonl, summary.json     ours (see eval/run_dir.py)
 
 The judge is any OpenAI-compatible chat endpoint (`JudgeConfig`; WISE used gpt-4o-2024-05-13), called
-through `inference.endpoint` (the client data_gen uses) with WISE's `gpt_eval.py` messages verbatim
+through `common.endpoint` (the client data_gen uses) with WISE's `gpt_eval.py` messages verbatim
 (`build_messages`) at temperature 0 and parsed with its regex (`extract_scores`). WiScore = (0.7 C + 0.2 R + 0.1 A) / 2 per image, averaged per category;
 overall = 0.4 culture + 0.167 time + 0.133 space + 0.1 (biology + physics + chemistry).
 
@@ -37,6 +37,17 @@ from typing import Any
 from tqdm import tqdm
 
 from common import config as config_io
+from common.call_cache import CallCache
+from common.endpoint import (
+    CallStats,
+    EndpointConfig,
+    FatalError,
+    MissingAPIKey,
+    Reply,
+    SyncChatClient,
+    png_part,
+    resolve_api_key,
+)
 from eval.generator import ImageGenerator, generate, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
@@ -48,17 +59,6 @@ from eval.run_dir import (
     save_trajectory,
     write_json_atomic,
     write_jsonl_atomic,
-)
-from inference.call_cache import CallCache
-from inference.endpoint import (
-    CallStats,
-    EndpointConfig,
-    FatalError,
-    MissingAPIKey,
-    Reply,
-    SyncChatClient,
-    png_part,
-    resolve_api_key,
 )
 
 # prompt_id ranges of the six categories (WISE_legacy/data + wise_*.py) and their weights in the overall
@@ -293,7 +293,7 @@ def wiscore(consistency: float, realism: float, aesthetic_quality: float) -> flo
 
 
 class Judge:
-    """WISE's judge over the shared endpoint client (`inference.endpoint`): cached replies, counted retries,
+    """WISE's judge over the shared endpoint client (`common.endpoint`): cached replies, counted retries,
     malformed replies re-asked and counted. Thread-safe; `close()` when done."""
 
     NAME = "wise-judge"  # the cache's and the counters' name for these calls

@@ -5,9 +5,7 @@
 
 Layers: `settings` (every option) ; `kv_cache` (in-place, forkable KV cache) -> `engine` (contexts,
 decoding, flow sampling) -> `psir` (the loop) -> `scaling` (P x I x k search with `verifiers`) -> `api` /
-`cli`; `html` renders a trajectory. `endpoint` (+ `retries`, `concurrency`) + `call_cache`: the one
-OpenAI-compatible chat client (retries, adaptive concurrency, image parts) and call cache, used by the `vlm`
-critic, data_gen and eval.wise.
+`cli`; `html` renders a trajectory. The OpenAI-compatible chat client of the `vlm` critic is `common.endpoint`.
 """
 
 from inference.settings import GenerateOptions

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from PIL import Image
 
-from bagel_ft.trajectory import Trajectory, image_to_png
+from bagel_ft.trajectory import Trajectory
+from common.images import image_to_png
 from inference.psir import describe_failure
 
 CARD_STYLE = """

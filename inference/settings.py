@@ -13,7 +13,7 @@ import yaml
 
 from bagel_ft.transforms import ImageGeometry  # noqa: F401  (re-exported: part of the inference options)
 from common import config as config_io
-from inference.endpoint import EndpointConfig
+from common.endpoint import EndpointConfig
 
 MODES = ("single", "psir", "scaled")  # prompt -> one image | the native loop | P x I x k search
 VERIFIERS = ("self", "shapes", "vlm")  # the model's inspect step | shapes-world judge | OpenAI-compatible critic

@@ -11,7 +11,7 @@ corrective instruction for the next refinement step.
     probability that the model continues with "consistent" rather than "inconsistent".
   * `ShapesJudge`: the shapes world's exact checker, `scene_graphs.shapes.check(image, parse_prompt(prompt))`.
   * `VLMCritic`: any OpenAI-compatible chat endpoint with image input, asked for JSON
-    {"action": ..., "score": ..., "sub_prompt": ...}, through the shared client (`inference.endpoint`:
+    {"action": ..., "score": ..., "sub_prompt": ...}, through the shared client (`common.endpoint`:
     counted retries with backoff, image parts). The API key is read from the environment variable named
     in the config and is never logged or stored.
 """
@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from inference.endpoint import SyncChatClient, image_part, resolve_api_key
+from common.endpoint import SyncChatClient, image_part, resolve_api_key
 from inference.settings import CriticEndpoint
 
 ACTIONS = ("CONTINUE", "STOP", "BACKTRACK", "RESTART")

@@ -1,4 +1,4 @@
-"""The call cache's SQLite store (inference/call_cache.py) and the shard manifest (data_gen/shards.py): values
+"""The call cache's SQLite store (common/call_cache.py) and the shard manifest (data_gen/shards.py): values
 by key, deletion, processes writing at once, and the one-shot migration of the earlier layouts (one file
 per cached call; a JSON manifest rewritten per chunk), also end to end: an output directory of an earlier
 version resumes with no call made again."""
@@ -13,8 +13,8 @@ import sqlite3
 from fake_openai_server import FakeOpenAIServer, shapes_answer
 from test_data_gen_api import KEY_ENV, PROMPTS, api_config, records_of, run
 
+from common.call_cache import CallCache, canonical_json
 from data_gen.shards import ShardOutput, read_manifests, select_items
-from inference.call_cache import CallCache, canonical_json
 
 
 def test_values_by_key_deleted_on_request(tmp_path):
@@ -62,7 +62,7 @@ def legacy_cache(root, values: dict[str, object]) -> None:
 
 
 def test_per_file_cache_moves_into_the_store_once(tmp_path, monkeypatch):
-    import inference.call_cache as call_cache
+    import common.call_cache as call_cache
 
     monkeypatch.setattr(call_cache, "MIGRATE_BATCH", 3)  # several batches
     values = {f"{i:02x}" + "f" * 62: {"text": f"reply {i}"} for i in range(0, 256, 37)}  # 7 keys

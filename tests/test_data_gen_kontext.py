@@ -25,13 +25,13 @@ from fake_openai_server import FakeOpenAIServer  # noqa: E402
 
 from bagel_ft.trajectory import Trajectory, normalize_row  # noqa: E402
 from commands.main import main  # noqa: E402
+from common.call_cache import CallCache  # noqa: E402
 from data_gen.backends import make_backends  # noqa: E402
 from data_gen.backends.models import KontextEditor  # noqa: E402
 from data_gen.config import load_config  # noqa: E402
 from data_gen.errors import FatalError  # noqa: E402
 from data_gen.shards import merge  # noqa: E402
 from data_gen.summary import Summary  # noqa: E402
-from inference.call_cache import CallCache  # noqa: E402
 from scene_graphs import Step  # noqa: E402
 
 SIZE = 48  # a multiple of 16, as FLUX.1 needs (the tiny VAE needs multiples of 4)

@@ -17,12 +17,12 @@ from PIL import Image
 
 from bagel_ft.trajectory import Trajectory, inspect_text, normalize_row, parse_verdict, plan_text
 from commands.main import main
+from common.call_cache import CallCache
 from data_gen.backends import make_backends
 from data_gen.backends import models as model_backends
 from data_gen.config import load_config
 from data_gen.shards import merge
 from data_gen.summary import Summary
-from inference.call_cache import CallCache
 from scene_graphs import Step
 
 SIZE = 32  # the tiny model draws at most 32 x 32 (max_latent_size 8 x latent_downsample 4)

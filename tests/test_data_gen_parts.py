@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bagel_ft.trajectory import image_to_png
+from common.call_cache import CallCache, request_key
+from common.images import image_to_png
 from data_gen.backends.base import Canvas
 from data_gen.backends.models import BagelEditor, KontextEditor
 from data_gen.backends.remote import parse_scene_graph, schema_errors
@@ -20,7 +21,6 @@ from data_gen.config import ConfigError, KontextConfig, load_config
 from data_gen.errors import FatalError, InvalidReply
 from data_gen.perturb import KINDS, perturb
 from data_gen.shards import parse_shard, select_items
-from inference.call_cache import CallCache, request_key
 from scene_graphs import SCENE_GRAPH_JSON_SCHEMA, Step
 from scene_graphs.shapes import check, parse_prompt, render
 

@@ -1,6 +1,6 @@
-"""The shared OpenAI-compatible client (inference/endpoint.py) on its own: key rules, the synchronous
+"""The shared OpenAI-compatible client (common/endpoint.py) on its own: key rules, the synchronous
 client from many threads against a local fake server (counted retries, cache_when), single flight, and the
-adaptive concurrency limit (inference/concurrency.py). Its callers' own tests: tests/test_data_gen_api.py
+adaptive concurrency limit (common/concurrency.py). Its callers' own tests: tests/test_data_gen_api.py
 (async, JSON schema, every fault), tests/test_data_gen_run.py, tests/test_eval_wise.py, tests/test_scaling.py."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from inference.call_cache import CallCache
-from inference.concurrency import AdaptiveLimit
-from inference.endpoint import (
+from common.call_cache import CallCache
+from common.concurrency import AdaptiveLimit
+from common.endpoint import (
     CallStats,
     ChatClient,
     EndpointConfig,

@@ -31,6 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from common.atomic import fsync_dir
 from training.parallelize import DistEnv, all_reduce_, barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -89,14 +90,6 @@ def _write_marker(path: Path, meta: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -127,12 +120,12 @@ def save_checkpoint(
     torch.save({**extra, "rng": rng_state()}, tmp / f"extra_rank{env.rank}.pt")
     barrier(env)
     if env.is_main:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _write_marker(tmp, {**meta, "step": step, "world_size": env.world_size})
         if final.exists():  # a re-save of the same step (e.g. after a resume): replace it
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in complete_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)

@@ -37,11 +37,12 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint import FileSystemReader
 
-from bagel_ft.checkpoint import AE_FILE, MODEL_STEMS, is_model_weight_file, model_weights, replacing_directory
+from bagel_ft.checkpoint import AE_FILE, MODEL_STEMS, is_model_weight_file, model_weights
 from bagel_ft.config import BagelConfig
 from bagel_ft.modeling import Bagel
 from bagel_ft.transforms import ImageGeometry
 from bagel_ft.weights import TensorSpec, write_weights
+from common.atomic import replacing_directory
 from training.config import Config, to_dict
 from training.lora import LoRALinear, apply_lora, merged_weight
 

@@ -7,7 +7,7 @@
 | judge     | `ShapesJudge` (pixel check)       | `VLMJudge` (any OpenAI-compatible VLM)           |
 | sampler   | `ShapesDrafter` (imperfect)       | `ModelSampler` (our ckpt's own PSIR streams)     |
 
-The OpenAI-compatible parts share one `inference.endpoint.ChatClient`; the checkpoint parts share one
+The OpenAI-compatible parts share one `common.endpoint.ChatClient`; the checkpoint parts share one
 loaded model per (ckpt, device, dtype) and one `ModelRunner` (one model call at a time).
 """
 
@@ -16,14 +16,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from common.call_cache import CallCache
+from common.endpoint import ChatClient
 from data_gen.backends.base import Canvas, ImageEditor, Judge, Judgement, SceneGraphExtractor, TrajectorySampler
 from data_gen.backends.models import BagelEditor, KontextEditor, ModelRunner, ModelSampler
 from data_gen.backends.remote import LLMExtractor, VLMJudge
 from data_gen.backends.shapes import ShapesDrafter, ShapesEditor, ShapesExtractor, ShapesJudge
 from data_gen.config import DataConfig
 from data_gen.summary import Summary
-from inference.call_cache import CallCache
-from inference.endpoint import ChatClient
 
 __all__ = [
     "Backends",

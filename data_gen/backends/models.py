@@ -31,12 +31,13 @@ from typing import Any
 
 from PIL import Image
 
-from bagel_ft.trajectory import Trajectory, image_to_png
+from bagel_ft.trajectory import Trajectory
+from common.call_cache import CallCache, image_text, png_text, text_image
+from common.endpoint import CallStats, Counters
+from common.images import image_to_png
 from data_gen.backends.base import Canvas
 from data_gen.config import BagelEditorConfig, KontextConfig, ModelSamplerConfig
 from data_gen.errors import FatalError, Rejected
-from inference.call_cache import CallCache, image_text, png_text, text_image
-from inference.endpoint import CallStats, Counters
 from inference.settings import resolve_device
 from scene_graphs import Step
 

@@ -9,9 +9,9 @@ from typing import Any
 
 from PIL import Image
 
+from common.endpoint import ChatClient, image_part
 from data_gen.backends.base import Judgement
 from data_gen.errors import InvalidReply
-from inference.endpoint import ChatClient, image_part
 from scene_graphs import SCENE_GRAPH_JSON_SCHEMA, SceneGraph, SceneGraphError, Step
 
 EXTRACT_SYSTEM = (

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from bagel_ft.trajectory import Trajectory, Turn, image_to_png, plan_text
+from bagel_ft.trajectory import Trajectory, Turn, plan_text
+from common.call_cache import CallCache, image_text, text_image
+from common.images import image_to_png
 from data_gen.backends.base import Canvas, Judgement
 from data_gen.errors import Rejected
 from data_gen.perturb import perturb_any
 from data_gen.shards import derive_seed
-from inference.call_cache import CallCache, image_text, text_image
 from scene_graphs import SceneGraph, Step, describe, plan_steps
 from scene_graphs.describe import join, noun_phrase, number_word, pluralize, predicate_phrase
 from scene_graphs.schema import INVERSE, Relation, SceneObject

@@ -1,5 +1,5 @@
 """Which faults of a chat request are retried, and how long the client waits before the next try
-(inference/endpoint.py runs the loop; this is the policy).
+(common/endpoint.py runs the loop; this is the policy).
 
 * An HTTP status: 401 / 403 / 404 and a 429 whose error code is `insufficient_quota` are fatal (every
   request would fail the same way); 408 / 409 / 5xx are transient, as are 429s (rate limited); any other

@@ -1,4 +1,4 @@
-"""Content-addressed cache of model calls, remote (chat API, `inference.endpoint`) or local (data_gen's
+"""Content-addressed cache of model calls, remote (chat API, `common.endpoint`) or local (data_gen's
 shapes world, editors, samplers). Users: data_gen (every call), eval.wise (judge replies).
 
 Key: sha256 of the canonical JSON of the request (endpoint, model, messages with every image replaced by
@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from bagel_ft.trajectory import image_to_png, png_to_image
+from common.images import image_to_png, png_to_image
 
 log = logging.getLogger(__name__)
 _DATA_URL = re.compile(r"^data:image/[a-z]+;base64,(.*)$", re.S)

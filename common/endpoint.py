@@ -54,10 +54,10 @@ from typing import Any, Protocol, TypeVar
 
 from PIL import Image
 
-from bagel_ft.trajectory import image_to_png
-from inference.call_cache import CallCache, request_key
-from inference.concurrency import AdaptiveLimit
-from inference.retries import Attempts, GiveUp, retry_after, status_reason, transport_reason
+from common.call_cache import CallCache, request_key
+from common.concurrency import AdaptiveLimit
+from common.images import image_to_png
+from common.retries import Attempts, GiveUp, retry_after, status_reason, transport_reason
 
 T = TypeVar("T")
 STRUCTURED_MODES = ("json_schema", "json_object")
