@@ -4,7 +4,7 @@ allowed requests stay, how fast it goes, and whether any record or paid call is 
 The server is the tests' fake (tests/fake_openai_server.py) on 127.0.0.1, answering after `--latency`
 seconds (asyncio.sleep on one event loop: latency-bound, not CPU-bound, so a shared machine measures the
 client, not the server): scene graphs for the extractor, "consistent" for the VLM judge. Each scenario runs
-the real CLI as a user would (`python -m data_gen.cli trajectories`, LLM extractor + VLM judge, 64 px shapes
+the real CLI as a user would (`python -m commands.data trajectories`, LLM extractor + VLM judge, 64 px shapes
 editor, concurrency `--concurrency`; `--code DIR`: another checkout's CLI, e.g. a baseline) in a process of
 its own, re-runs it until its shard is complete (and once more when replies were rejected invalid: a re-run
 asks again), and compares:
@@ -137,7 +137,7 @@ def chunks(out: Path) -> tuple[int, bool]:
 
 
 def run_cli(args, out: Path, prompts: Path, config: Path, log, sig=None, at_chunks: int = 0) -> int:
-    cmd = [sys.executable, "-m", "data_gen.cli", "trajectories", "--out", str(out), "--prompts", str(prompts)]
+    cmd = [sys.executable, "-m", "commands.data", "trajectories", "--out", str(out), "--prompts", str(prompts)]
     cmd += ["--config", str(config), "--concurrency", str(args.concurrency)]
     env = {**os.environ, "PYTHONPATH": str(args.code), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=args.code, env=env, stdout=log, stderr=subprocess.STDOUT)

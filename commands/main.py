@@ -24,7 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("commands.model", "build / load a model, save it, and run a packed forward pass"),
     "eval": ("eval.cli", "evaluate on GenEval | WISE | ShapesEval"),
     "report": ("commands.report", "compare eval runs in markdown + HTML"),
-    "data": ("data_gen.cli", "synthesize training data: trajectories | critiques | alignment"),
+    "data": ("commands.data", "synthesize training data: trajectories | critiques | alignment"),
     "train": ("commands.train", "fine-tune a Bagel model on trajectory datasets"),
     "generate": ("inference.cli", "generate images + PSIR trajectories from prompts"),
     "demo": ("commands.demo", "run the whole system on the shapes world: data, fine-tune, PSIR, eval, report"),

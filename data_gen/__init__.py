@@ -10,7 +10,7 @@ Layout (one place each):
   perturb.py     realistic mistakes (alignment negatives, the imperfect drafter)
   runner.py      the loop shared by the pipelines: a sliding window of prompts, clean stops (Ctrl-C, budgets)
   trajectories.py, critiques.py, alignment.py   the three pipelines
-  cli.py         `bagel-ft data ...`
+  (`bagel-ft data ...` is commands/data.py)
 
 Built on `common`: the OpenAI-compatible client (`common/endpoint.py`: structured output, counted
 retries (`retries.py`), adaptive concurrency (`concurrency.py`), single flight; also eval.wise's judge and

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,6 +32,23 @@ def chunks_done(out: Path) -> int:
         return 0
 
 
+# `bagel-ft data` in a subprocess that sends itself SIGNAL right after writing its first chunk: the signal lands
+# at the same point on any machine (no polling, no timing)
+SIGNAL_AFTER_FIRST_CHUNK = """
+import os, sys
+from data_gen.shards import ShardOutput
+write, sent = ShardOutput.write_chunk, []
+def write_chunk(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    if not sent:
+        sent.append(True)
+        os.kill(os.getpid(), int(os.environ["SIGNAL"]))
+ShardOutput.write_chunk = write_chunk
+from commands.main import main
+sys.exit(main(["data", *sys.argv[1:]]))
+"""
+
+
 def interrupt_midway(tmp_path: Path, monkeypatch, sig: signal.Signals) -> dict:
     """The uninterrupted run, then `bagel-ft data` sent `sig` after its first chunk, then a re-run."""
     monkeypatch.setenv(KEY_ENV, "sk-test")
@@ -52,17 +68,12 @@ def interrupt_midway(tmp_path: Path, monkeypatch, sig: signal.Signals) -> dict:
         reference_calls = [e["sha"] for e in server.log]
 
         out = tmp_path / "run"
-        server.delay = 0.2  # slow replies: the signal lands midway even on a busy machine
-        # `python -m data_gen.cli` is `bagel-ft data` without the other subcommands' start-up imports
-        cmd = [sys.executable, "-m", "data_gen.cli", "trajectories", "--out", str(out), "--prompts", str(prompt_file)]
-        cmd += ["--config", str(config_file), "--concurrency", str(CONCURRENCY)]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        server.delay = 0.2  # slow replies: requests are in flight when the signal lands
+        cmd = [sys.executable, "-c", SIGNAL_AFTER_FIRST_CHUNK, "trajectories", "--out", str(out), "--prompts",
+               str(prompt_file), "--config", str(config_file), "--concurrency", str(CONCURRENCY)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(REPO), "SIGNAL": str(int(sig))}
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while chunks_done(out) < 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        proc.send_signal(sig)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = proc.communicate(timeout=100)
         done_at_signal = chunks_done(out)
         signalled_at = len(server.log)
         server.delay = 0.0

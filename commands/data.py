@@ -208,9 +208,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m data_gen.cli ...` == `bagel-ft data ...` without the other subcommands' imports
-    _parser = argparse.ArgumentParser(
-        prog="python -m data_gen.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+if __name__ == "__main__":  # `python -m commands.data ...` == `bagel-ft data ...`
+    from commands.main import main
+
+    sys.exit(main(["data", *sys.argv[1:]]))
