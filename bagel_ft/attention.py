@@ -60,15 +60,17 @@ class AttentionSpec:
         return cls(tuple(sample_lens), tuple(sample_lens), ("causal",) * len(sample_lens))
 
     @classmethod
-    def with_cache(cls, kv_lens, query_lens, mode: str) -> AttentionSpec:
-        """New tokens (one `mode` segment per sample) appended after `kv_lens[i]` cached keys each."""
+    def with_cache(cls, kv_lens, query_lens, mode) -> AttentionSpec:
+        """New tokens (one segment per sample, in `mode`: one mode for all, or one per sample) appended after
+        `kv_lens[i]` cached keys each."""
         split_lens, modes = [], []
-        for kv, q in zip(kv_lens, query_lens, strict=True):
+        sample_modes = [mode] * len(kv_lens) if isinstance(mode, str) else list(mode)
+        for kv, q, m in zip(kv_lens, query_lens, sample_modes, strict=True):
             if kv > 0:  # the cache is earlier context; its own inner mask no longer matters
                 split_lens.append(kv)
                 modes.append("full")
             split_lens.append(q)
-            modes.append(mode)
+            modes.append(m)
         sample_lens = tuple(kv + q for kv, q in zip(kv_lens, query_lens, strict=True))
         return cls(sample_lens, tuple(split_lens), tuple(modes), tuple(query_lens))
 

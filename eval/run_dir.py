@@ -96,6 +96,12 @@ def clean_tmp(parent: str | Path) -> int:
     return removed
 
 
+def clean_sample_dirs(out: str | Path) -> None:
+    """`clean_tmp` of the per-sample folders images/, gen/, trajectories/ (ShapesEval's and WISE's layout)."""
+    for d in ("images", "gen", "trajectories"):
+        clean_tmp(Path(out) / d)
+
+
 # ---- jsonl -------------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)

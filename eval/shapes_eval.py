@@ -31,11 +31,11 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from eval.generator import ImageGenerator, generate, sample_seed
+from eval.generator import ImageGenerator, generate_many, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
     SUMMARY_FILE,
-    clean_tmp,
+    clean_sample_dirs,
     cost_per_sample,
     record,
     save_png_atomic,
@@ -43,6 +43,7 @@ from eval.run_dir import (
     write_json_atomic,
     write_jsonl_atomic,
 )
+from inference.sharding import Shard
 
 SUB_CHECKS = ("shape", "color", "count", "position")
 NO_IMAGE_REASON = "the generator returned no image (judged on a black stand-in)"
@@ -82,31 +83,39 @@ def sample_key(index: int, sample: int) -> str:
 
 
 def generate_shapes(
-    generator: ImageGenerator, prompts: list[dict], out: str | Path, *, n: int = 4, seed: int = 0, progress: bool = True
+    generator: ImageGenerator,
+    prompts: list[dict],
+    out: str | Path,
+    *,
+    n: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
-    """`n` samples per prompt; an image already on disk is kept (its PNG is written last, atomically)."""
+    """`n` samples per prompt (of this `shard`'s prompts), `batch_size` in flight (None: the generator's
+    default); an image already on disk is kept (its PNG is written last, atomically)."""
     out = Path(out)
-    for d in ("images", "gen", "trajectories"):
-        clean_tmp(out / d)
-    stats = dict(images=len(prompts) * n, generated=0, skipped=0)
-    for p in tqdm(prompts, desc="shapes", disable=not progress):
-        for s in range(n):
-            key = sample_key(p["index"], s)
-            if (out / "images" / f"{key}.png").exists():
-                stats["skipped"] += 1
-                continue
-            sd = sample_seed(seed, p["index"], s)
-            g = generate(generator, p["prompt"], sd)
-            traj = None
-            if g.trajectory is not None:
-                traj = f"trajectories/{key}.traj"
-                save_trajectory(out / traj, g.trajectory)
-            write_json_atomic(
-                out / "gen" / f"{key}.json",
-                {"key": key, "seed": sd, "cost": g.cost, "trajectory": traj, "no_image": g.no_image},
-            )
-            save_png_atomic(out / "images" / f"{key}.png", g.image)
-            stats["generated"] += 1
+    shard = shard or Shard()
+    if shard.count == 1:  # shards cannot tell another shard's writes in progress from debris: scoring cleans
+        clean_sample_dirs(out)
+    units = [(p, s) for p in shard.select(prompts) for s in range(n)]
+    todo = [(p, s) for p, s in units if not (out / "images" / f"{sample_key(p['index'], s)}.png").exists()]
+    stats = dict(images=len(units), generated=0, skipped=len(units) - len(todo))
+    jobs = [(p["prompt"], sample_seed(seed, p["index"], s)) for p, s in todo]
+    for i, g in tqdm(generate_many(generator, jobs, batch_size), desc="shapes", total=len(jobs), disable=not progress):
+        p, s = todo[i]
+        key = sample_key(p["index"], s)
+        traj = None
+        if g.trajectory is not None:
+            traj = f"trajectories/{key}.traj"
+            save_trajectory(out / traj, g.trajectory)
+        write_json_atomic(
+            out / "gen" / f"{key}.json",
+            {"key": key, "seed": jobs[i][1], "cost": g.cost, "trajectory": traj, "no_image": g.no_image},
+        )
+        save_png_atomic(out / "images" / f"{key}.png", g.image)
+        stats["generated"] += 1
     return stats
 
 
@@ -132,6 +141,7 @@ def score_shapes(out: str | Path, prompts: list[dict], *, n: int = 4, progress: 
     from scene_graphs import shapes
 
     out = Path(out)
+    clean_sample_dirs(out)
     records = []
     for p in tqdm(prompts, desc="shapes judge", disable=not progress):
         for s in range(n):
