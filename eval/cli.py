@@ -18,7 +18,7 @@
 
   # data parallel: 8 GPUs of one machine (one rank each; rank 0 scores once all are done), or separate
   # launches sharing the run folder (each draws every N-th prompt; then score once with --stage score)
-  torchrun --nproc_per_node 8 $(which bagel-ft) eval geneval --ckpt runs/ft/ckpt --mode psir --out RUN
+  torchrun --nproc_per_node 8 --no-python -- bagel-ft eval geneval --ckpt runs/ft/ckpt --mode psir --out RUN
   bagel-ft eval geneval --ckpt runs/ft/ckpt --mode psir --out RUN --shard 0/2     # and --shard 1/2 elsewhere
 
 --ckpt takes a checkpoint directory, `oracle:shapes`, `debug:noise` or `py:MODULE:FACTORY` (eval/generator.py).

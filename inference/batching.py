@@ -93,19 +93,20 @@ def run_batched(engine: Any, programs: Iterable[Steps], batch_size: int) -> Iter
     exhausted = False
     while True:
         start = time.perf_counter()
+        finished = []
         while not exhausted and len(active) < batch_size:
             item = next(source, None)
             if item is None:
                 exhausted = True
-            else:
-                active.append((item[0], _Running(item[1]), [0.0]))
-        running = [a for a in active if not a[1].done]
-        if running:
-            _dispatch([a[1] for a in running], engine.execute([op for a in running for op in a[1].ops]))
-        share = (time.perf_counter() - start) / max(1, len(active))
-        for a in active:
-            a[2][0] += share
-        finished = [a for a in active if a[1].done]
+                continue
+            entry = (item[0], _Running(item[1]), [0.0])
+            (finished if entry[1].done else active).append(entry)  # a program may end before its first op
+        if active:
+            _dispatch([a[1] for a in active], engine.execute([op for a in active for op in a[1].ops]))
+            share = (time.perf_counter() - start) / len(active)
+            for a in active:
+                a[2][0] += share
+        finished += [a for a in active if a[1].done]
         active = [a for a in active if not a[1].done]
         for index, r, wall in finished:
             yield Finished(index, r.value, wall[0])

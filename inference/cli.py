@@ -21,7 +21,7 @@ Examples:
   bagel-ft generate --ckpt CKPT --prompt "..." --out runs/vlm --mode scaled --verifier vlm \\
       --critic-base-url http://127.0.0.1:8000/v1 --critic-model Qwen2.5-VL-7B --critic-api-key-env MY_KEY
   # many prompts: --batch-size samples at once (same images as one by one); 8 GPUs with torchrun
-  torchrun --nproc_per_node 8 $(which bagel-ft) generate --ckpt CKPT --prompts prompts.txt --out runs/many --batch-size 8
+  torchrun --nproc_per_node 8 --no-python -- bagel-ft generate --ckpt CKPT --prompts prompts.txt --out runs/many
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Data parallelism over processes: which share of the prompts this process draws.
 
-    torchrun --nproc_per_node 8 $(which bagel-ft) eval shapes --ckpt CKPT --out RUN      # one GPU per rank
+    torchrun --nproc_per_node 8 --no-python -- bagel-ft eval shapes --ckpt CKPT --out RUN   # one GPU per rank
     bagel-ft eval shapes --ckpt CKPT --out RUN --shard 0/2     # machine A (no process group needed)
     bagel-ft eval shapes --ckpt CKPT --out RUN --shard 1/2     # machine B, same shared RUN folder
 
