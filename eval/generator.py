@@ -161,7 +161,8 @@ class InferenceGenerator:
     def __call__(self, prompt: str, seed: int) -> Generation:
         return self._generation(self._generator.generate(prompt, mode=self.mode, seed=seed))
 
-    def generate_many(self, jobs: list[tuple[str, int]], batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
+    def generate_many(self, jobs: list[tuple[str, int]],
+                      batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
         """Every (prompt, seed) job batched (`inference.Generator.generate_many`; None = its default size)."""
         for index, result in self._generator.generate_many(jobs, mode=self.mode, batch_size=batch_size):
             yield index, self._generation(result)

@@ -134,7 +134,8 @@ class Generator:
         return result
 
     def generate_many(self, jobs: Iterable[tuple[str, int]], mode: str | None = None,
-                      options: GenerateOptions | None = None, batch_size: int | None = None) -> Iterator[tuple[int, Result]]:
+                      options: GenerateOptions | None = None,
+                      batch_size: int | None = None) -> Iterator[tuple[int, Result]]:
         """`generate(prompt, seed=seed)` for every (prompt, seed) of `jobs`, up to `batch_size` samples in flight
         (None: `default_batch_size`) -> (index in jobs, Result) as each one finishes. Scaled mode runs one
         prompt at a time (its search calls the verifier between steps). In a batch, `cost.wall_s` is the

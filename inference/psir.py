@@ -14,6 +14,10 @@ CFG contexts follow the official interleaved inferencer: `cfg_text` is the strea
 
 For tests and for critics that dictate the next instruction, a turn can be forced (`ForcedTurn`): its
 whole text, a prefix the model completes (constrained decoding), and/or the decision.
+
+Every step is a program (`inference.batching.batchable`): `run_psir(engine, ...)` runs one stream alone;
+`run_batched(engine, [run_psir.steps(engine, ...), ...], batch_size)` runs many streams in the same forwards
+(one decodes while another draws; each with its own seed, so each stream is the one it would be alone).
 """
 
 from __future__ import annotations

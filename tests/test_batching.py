@@ -24,9 +24,10 @@ from bagel_ft.tokenizer import ByteTokenizer
 from bagel_ft.trajectory import inspect_text, plan_text, refine_text
 from inference.api import Generator
 from inference.batching import batchable, gather, run_alone, run_batched
-from inference.engine import CleanImage, Engine, FlowTrace, Tokens, Velocity
+from inference.engine import Engine, FlowTrace
 from inference.psir import DRAW, STOP, TEXT, ForcedTurn, run_psir, start_stream
 from inference.settings import Budget, FlowSettings, GenerateOptions, PSIRSettings, TextSettings
+from inference.tick import CleanImage, Tokens, Velocity
 
 TINY_PSIR = Path(__file__).parent / "assets" / "tiny-psir"
 FLOW = FlowSettings(height=16, width=16, num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=2.0,
