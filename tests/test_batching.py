@@ -265,3 +265,23 @@ def test_free_running_psir_streams_batched_equal_alone():
         assert b.trajectory.meta["stop_reason"] == one.trajectory.meta["stop_reason"]
         assert (b.cost.images, b.cost.tokens) == (one.cost.images, one.cost.tokens)
         assert all(pixels_close(x, y) for x, y in zip(b.trajectory.images, one.trajectory.images, strict=True))
+
+
+def test_moe_routing_with_few_und_rows_equals_the_gather_scatter_path(tiny_model, monkeypatch):
+    """apply_experts runs `gen` on every row when the und rows are few (a batched flow forward); the values
+    must be those of sending each row to its own expert only (FEW_ROWS = 0 forces that path)."""
+    from bagel_ft import qwen2
+
+    layer = tiny_model.language_model.model.layers[0]
+    x = torch.randn(40, tiny_model.config.llm.hidden_size, generator=torch.Generator().manual_seed(0))
+    routing = qwen2.Routing.for_mode("gen", 40, torch.tensor([i for i in range(40) if i % 20 not in (0, 19)]))
+    modules = [(layer.mlp, layer.mlp_moe_gen), (layer.input_layernorm, layer.input_layernorm_moe_gen),
+               (layer.self_attn.q_proj, layer.self_attn.q_proj_moe_gen)]
+    with torch.no_grad():
+        few = [qwen2.apply_experts(u, g, x, routing) for u, g in modules]
+        monkeypatch.setattr(qwen2, "FEW_ROWS", 0.0)
+        split = [qwen2.apply_experts(u, g, x, routing) for u, g in modules]
+    for a, b in zip(few, split, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+    identity = torch.nn.Identity()
+    assert qwen2.apply_experts(identity, identity, x, routing) is x  # no in-place write into the input
