@@ -38,8 +38,7 @@ from eval.run_dir import (
     clean_sample_dirs,
     cost_per_sample,
     record,
-    save_png_atomic,
-    save_trajectory,
+    save_sample,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -104,17 +103,8 @@ def generate_shapes(
     stats = dict(images=len(units), generated=0, skipped=len(units) - len(todo))
     jobs = [(p["prompt"], sample_seed(seed, p["index"], s)) for p, s in todo]
     for i, g in tqdm(generate_many(generator, jobs, batch_size), desc="shapes", total=len(jobs), disable=not progress):
-        p, s = todo[i]
-        key = sample_key(p["index"], s)
-        traj = None
-        if g.trajectory is not None:
-            traj = f"trajectories/{key}.traj"
-            save_trajectory(out / traj, g.trajectory)
-        write_json_atomic(
-            out / "gen" / f"{key}.json",
-            {"key": key, "seed": jobs[i][1], "cost": g.cost, "trajectory": traj, "no_image": g.no_image},
-        )
-        save_png_atomic(out / "images" / f"{key}.png", g.image)
+        key = sample_key(todo[i][0]["index"], todo[i][1])
+        save_sample(out, key, g, jobs[i][1], {"key": key})
         stats["generated"] += 1
     return stats
 

@@ -44,8 +44,7 @@ from eval.run_dir import (
     clean_sample_dirs,
     cost_per_sample,
     record,
-    save_png_atomic,
-    save_trajectory,
+    save_sample,
     write_json_atomic,
     write_jsonl_atomic,
 )
@@ -147,15 +146,7 @@ def generate_wise(
     jobs = [(p["Prompt"], sample_seed(seed, p["prompt_id"], 0)) for p in todo]
     for i, g in tqdm(generate_many(generator, jobs, batch_size), desc="wise", total=len(jobs), disable=not progress):
         pid = todo[i]["prompt_id"]
-        traj = None
-        if g.trajectory is not None:
-            traj = f"trajectories/{pid}.traj"
-            save_trajectory(out / traj, g.trajectory)
-        write_json_atomic(
-            out / "gen" / f"{pid}.json",
-            {"prompt_id": pid, "seed": jobs[i][1], "cost": g.cost, "trajectory": traj, "no_image": g.no_image},
-        )
-        save_png_atomic(image_path(out, pid), g.image)
+        save_sample(out, str(pid), g, jobs[i][1], {"prompt_id": pid})
         stats["generated"] += 1
     return stats
 

@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bagel_ft.tokenizer import ByteTokenizer
 from bagel_ft.trajectory import inspect_text, plan_text, refine_text
 from inference.api import Generator
 from inference.batching import batchable, gather, run_alone, run_batched
@@ -33,19 +32,12 @@ TINY_PSIR = Path(__file__).parent / "assets" / "tiny-psir"
 FLOW = FlowSettings(height=16, width=16, num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=2.0,
                     cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 TOL = dict(atol=1e-5, rtol=0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model, ByteTokenizer())
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def pixels_close(a: Image.Image, b: Image.Image) -> bool:
