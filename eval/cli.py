@@ -99,7 +99,7 @@ def run(args) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     if args.shard.count > 1 and args.stage == "score":
-        raise SystemExit("--stage score runs once over the whole run folder: drop --shard")
+        raise SystemExit("--stage score runs once over the whole run folder: one process, without --shard or torchrun")
     out = Path(args.out)
     if args.stage == "score":  # score what was generated: its n / subset / limit unless given again
         old = read_config(out)

@@ -11,7 +11,8 @@ Generation writes the official layout, which the official scorer reads unchanged
 Folders keep the prompt's line index in the metadata file, so subsets (`--subset`, `--limit`) of one
 run and of different runs line up. A prompt folder appears only by renaming a complete temporary
 folder into place, so a killed run never leaves a folder that looks finished; a folder whose samples
-0..N-1 are all present is never regenerated.
+0..N-1 are all present is never regenerated. Samples of several prompts are drawn `batch_size` at a time
+(the same images as one at a time); a `shard` (inference.sharding) draws every N-th prompt's folder.
 
 Scoring is the official scorer (Mask2Former + CLIP; it needs mmdet and CUDA, and asserts CUDA). Install:
 

@@ -18,8 +18,9 @@ count (exactly the asked number of matching objects), position (the relation hol
 `geneval_rule` is GenEval's own, looser decision rule (`shapes.geneval_style_score`: at least the asked
 objects, extras allowed) on the same pixels, for GenEval's six categories only (its rule checks the colors
 of the top-`count` objects of a class, so it misjudges the harder categories' same-shape, two-color prompts).
-Generation resumes image by image (each PNG appears atomically, last); scoring re-judges every image
-(the judge is a deterministic function of the pixels, milliseconds per image).
+Generation resumes image by image (each PNG appears atomically, last), draws `batch_size` samples at once
+(the same images as one at a time) and, with a `shard` (inference.sharding), only every N-th prompt; scoring
+re-judges every image (the judge is a deterministic function of the pixels, milliseconds per image).
 """
 
 from __future__ import annotations
