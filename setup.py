@@ -41,7 +41,7 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout>=2", "hypothesis>=6", "ruff>=0.6"],
         "gpu": ["flash-attn>=2.6"],
         "deepspeed": ["deepspeed>=0.15"],
-        "kontext": ["diffusers>=0.32"],
+        "kontext": ["diffusers>=0.40"],  # FluxKontextPipeline (0.35) loading with `dtype=` (0.40)
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
     },
     entry_points={"console_scripts": ["bagel-ft=bagel_ft.cli:main"]},

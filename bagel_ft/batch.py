@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 ATTN_MODES = ("causal", "full", "noise")
+_LAYOUT_FIELDS = ("sequence_length", "sample_lens", "split_lens", "attn_modes", "patchified_vae_latent_shapes")
 
 
 @dataclass
@@ -57,6 +58,22 @@ class PackedBatch:
     packed_timesteps: torch.Tensor | None = None  # [Nz] RAW logits: t = sigmoid(raw) (then shifted); -inf = clean
     mse_loss_indexes: torch.Tensor | None = None  # [Nmse] positions of noisy latent tokens
     noise: torch.Tensor | None = None  # [Nz, D] optional fixed noise (else drawn with torch.randn)
+
+    @classmethod
+    def from_reference(cls, d: dict[str, torch.Tensor]) -> PackedBatch:
+        """The official packer's tensors as `shared/reference/tiny/inputs.safetensors` stores them (official field
+        names; `attn_modes_code` 0/1/2 = causal/full/noise). Its `nested_attention_mask_*` are not an input: the
+        model builds masks itself (bagel_ft.attention)."""
+        batch = cls(
+            sequence_length=int(d["sample_lens"].sum()),
+            sample_lens=d["sample_lens"].tolist(),
+            split_lens=d["split_lens"].tolist(),
+            attn_modes=[ATTN_MODES[c] for c in d["attn_modes_code"].tolist()],
+            patchified_vae_latent_shapes=[tuple(hw) for hw in d["patchified_vae_latent_shapes"].tolist()],
+            **{f.name: d[f.name] for f in fields(cls) if f.name not in _LAYOUT_FIELDS},
+        )
+        batch.validate()
+        return batch
 
     def to(self, device: torch.device | str) -> PackedBatch:
         """Move every tensor field to `device` (lists stay lists)."""

@@ -155,19 +155,23 @@ class BagelConfig:
         cfg.validate(source=str(path))
         return cfg
 
-    def save_dir(self, path: str | Path) -> None:
-        """Write the four config files (official keys plus ours) into `path`."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+    def files(self) -> dict[str, dict[str, Any]]:
+        """The four config files' contents by file name (official keys plus ours), as `save_dir` writes them."""
         llm = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **dataclasses.asdict(self.llm)}
         llm.update(rope_scaling=None, use_sliding_window=False, attention_dropout=0.0)
         vit = {"model_type": "siglip_vision_model", **dataclasses.asdict(self.vit)}
-        for name, data in [
-            ("llm_config.json", llm),
-            ("vit_config.json", vit),
-            ("vae_config.json", dataclasses.asdict(self.vae)),
-            ("bagel_config.json", dataclasses.asdict(self.arch)),
-        ]:
+        return {
+            "llm_config.json": llm,
+            "vit_config.json": vit,
+            "vae_config.json": dataclasses.asdict(self.vae),
+            "bagel_config.json": dataclasses.asdict(self.arch),
+        }
+
+    def save_dir(self, path: str | Path) -> None:
+        """Write the four config files into `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name, data in self.files().items():
             (path / name).write_text(json.dumps(data, indent=1) + "\n")
 
     def validate(self, source: str = "config") -> None:

@@ -121,11 +121,12 @@ class Bagel(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device, load_vae=load_vae)
 
-    def save_pretrained(self, path) -> None:
-        """Write configs + ema.safetensors (+ ae.safetensors) atomically (see bagel_ft.checkpoint)."""
+    def save_pretrained(self, path, dtype: torch.dtype | None = None, max_shard_bytes: int = 0) -> None:
+        """Write configs + ema.safetensors (+ ae.safetensors) atomically, the weights cast to `dtype` if given,
+        sharded with an index above `max_shard_bytes` if > 0 (see bagel_ft.checkpoint)."""
         from bagel_ft.checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, dtype, max_shard_bytes)
 
     # ---- the pieces inference reuses ------------------------------------------------------------
     def embed_text(self, token_ids: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""The PSIR trajectory format (version 1): the one contract between data_gen, training and inference.
+"""The PSIR trajectory format (version 2): the one contract between data_gen, training and inference.
 
 `docs/format.md` is the prose specification; this module is its only implementation. A change to the
 format changes `FORMAT_VERSION`, this file and the doc, nowhere else.
@@ -20,10 +20,12 @@ from typing import Any
 
 from PIL import Image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # a version-1 record is a valid version-2 record (2 only added roles and subsets)
+ID_VERSION = 1  # hashed into record ids; unchanged since version 1, so ids of the same record stay the same
 
-SUBSETS = ("t2i", "caption", "trajectory", "critique", "alignment")
-TEXT_ROLES = ("plan", "inspect", "refine", "caption")
+SUBSETS = ("t2i", "caption", "edit", "verdict", "chat", "trajectory", "critique", "alignment")
+TEXT_ROLES = ("plan", "inspect", "refine", "caption", "text")
 ROLES = TEXT_ROLES + ("image",)
 VERDICTS = ("consistent", "inconsistent")
 
@@ -70,8 +72,8 @@ class Trajectory:
     # ---- validation ------------------------------------------------------------------------------
     def validate(self) -> None:
         where = f"record {self.id or '?'}"
-        if self.format_version != FORMAT_VERSION:
-            raise FormatError(f"{where}: format_version: expected {FORMAT_VERSION}, got {self.format_version}")
+        if self.format_version not in READABLE_VERSIONS:
+            raise FormatError(f"{where}: format_version: expected one of {READABLE_VERSIONS}, got {self.format_version}")
         if self.subset not in SUBSETS:
             raise FormatError(f"{where}: subset: expected one of {SUBSETS}, got {self.subset!r}")
         if self.label not in ("",) + VERDICTS:
@@ -228,6 +230,8 @@ def next_after_text(turns: list[Turn], i: int) -> str | None:
     nxt = turns[i + 1]
     if nxt.is_image:
         return NEXT_DRAW if nxt.loss else None
+    if nxt.role == "text" and not nxt.loss:
+        return None  # a user's turn (instruction, question) follows: not the model's choice
     return NEXT_TEXT
 
 
@@ -246,5 +250,5 @@ def png_to_image(data: bytes | dict) -> Image.Image:
 
 def record_id(subset: str, prompt: str, seed: Any = None, source: str = "") -> str:
     """Deterministic id: the same (subset, prompt, seed, source) always gives the same record id."""
-    key = json.dumps([FORMAT_VERSION, subset, prompt, seed, source], sort_keys=True)
+    key = json.dumps([ID_VERSION, subset, prompt, seed, source], sort_keys=True)
     return hashlib.sha256(key.encode()).hexdigest()[:16]

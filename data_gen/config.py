@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from inference.endpoint import EndpointConfig
+from inference.settings import DTYPE_NAMES
 
 EXTRACTORS = ("shapes", "llm")
 EDITORS = ("shapes", "bagel", "kontext")
@@ -50,12 +51,15 @@ class ShapesConfig:
 
 @dataclass
 class KontextConfig:
-    """FLUX.1 Kontext editor (`pip install -e .[kontext]`)."""
+    """FLUX.1 Kontext editor (`backends.editor: kontext`, `pip install -e .[kontext]`): diffusers'
+    FluxKontextPipeline draws each step at pipeline.image_size (a multiple of 16 for FLUX.1), given the
+    previous image at that size. The pipeline loads on the first edit a run cannot take from the call cache."""
 
-    model: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers repo id or local path
-    device: str = "cuda"
+    model: str = "black-forest-labs/FLUX.1-Kontext-dev"  # diffusers repo id or local pipeline folder
+    device: str = "auto"  # auto = cuda if available, else cpu
     steps: int = 28  # denoising steps per edit
-    guidance: float = 2.5
+    guidance: float = 2.5  # FLUX guidance embedding (diffusers' guidance_scale)
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -145,6 +149,11 @@ class DataConfig:
                 "backends.sampler=model needs model_sampler.ckpt (a checkpoint directory)",
             ),
             (
+                self.kontext.dtype in ("auto", *DTYPE_NAMES),
+                f"kontext.dtype: expected one of {('auto', *DTYPE_NAMES)}, got {self.kontext.dtype!r}",
+            ),
+            (self.kontext.steps >= 1, f"kontext.steps: expected >= 1, got {self.kontext.steps}"),
+            (
                 self.model_sampler.mode in SAMPLER_MODES,
                 f"model_sampler.mode: expected one of {SAMPLER_MODES}, got {self.model_sampler.mode!r}",
             ),
@@ -170,6 +179,8 @@ class DataConfig:
             d["endpoint"].pop(k)
         d.pop("cache_dir")
         d["kontext"].pop("device")
+        if self.backends.editor != "kontext":  # counts where it draws (so adding the field changed no fingerprint)
+            d["kontext"].pop("dtype")
         # a checkpoint section counts only when its backend is used (so adding one changed no fingerprint)
         for section, used in (
             ("bagel_editor", self.backends.editor == "bagel"),

@@ -1,28 +1,32 @@
 """Rebuild the shapes-world base model (`checkpoints/shapes-base`) end to end: the BAGEL release's analog.
 
-    python -m demo.base_model --out checkpoints/shapes-base            # the shipped checkpoint (~50 min, 1 core)
-    python -m demo.base_model --out runs/try --work runs/try-work --steps 200 --t2i 2000 --caption 400 \
-        --ae-steps 200                                                  # a ~10 min smoke run of every stage
+    python -m demo.base_model --out checkpoints/shapes-base            # the shipped checkpoint (~2.5 h, 1 core)
+    python -m demo.base_model --out runs/try --work runs/try-work --steps 200 --unified-steps 200 --t2i 2000 \
+        --caption 400 --edit 2000 --verdict 1000 --chat 400 --ae-steps 200   # a smoke run of every stage
 
 Stages (each skips itself when its output exists in `--work`, so a stopped run continues where it was):
   1. autoencoder  `demo.autoencoder` trains the tiny FLUX AE (architecture: the model config's
                   vae_config.json; latent normalisation fitted)                       -> WORK/ae
-  2. data         `demo.base_data` writes t2i, caption and text records at the AE's
-                  canvas, one folder per task                                          -> WORK/data
+  2. data         `demo.base_data` writes every task of `demo.base_tasks` (t2i, caption, text, edit,
+                  verdict, chat) at the AE's canvas, one folder per task               -> WORK/data
   3. tokenizer    a byte-level BPE (`bagel_ft.tokenizer.train_bpe_tokenizer`) trained on the base data's
                   texts, vocabulary <= the model config's vocab_size                   -> WORK/tokenizer
   4. init         random Bagel weights (seed `--seed`) of the model config + the trained AE + that
                   tokenizer, saved in the official layout                              -> WORK/init
-  5. train        the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
-                  configs/train/shapes_base.yaml with model.path = WORK/init           -> WORK/run
-                  (its EMA export, official layout: WORK/run/export)
-  6. export       the export copied to `--out` (configs, ema.safetensors, ae.safetensors, tokenizer)
-  7. evaluate     ShapesEval prompts (`--eval-per-category` per category, one sample each) drawn by
+  5. pretrain     the project trainer (`training.trainer.train`, i.e. `bagel-ft train`) on
+                  configs/train/shapes_base.yaml from WORK/init: draw, describe, read   -> WORK/pretrain
+  6. unified      the trainer on configs/train/shapes_unified.yaml from stage 5's export: every task of
+                  the unified mixture (BAGEL's capability mix: draw, edit, judge, describe, chat) -> WORK/run
+  7. export       stage 6's EMA export copied to `--out` (configs, ema.safetensors, ae.safetensors, tokenizer)
+  8. evaluate     ShapesEval prompts (`--eval-per-category` per category, one sample each) drawn by
                   `inference` in single mode, judged by `demo.judge_eval`              -> WORK/eval.json
+                  and `bagel-ft eval skills` (t2i / edit / verdict / caption)          -> WORK/skills
 
-The model config is `configs/model/shapes_base/` (the four official config files; read with
-`BagelConfig.from_dir`): BAGEL's architecture unchanged at a tiny size — see docs/results.md
-"Shapes base model" for the trials behind every choice.
+Two stages, as BAGEL's own pretraining had several: stage 6 starts from a model that already draws, reads a
+prompt and describes a picture, and learns to edit and judge on top (docs/results.md, "Unified base"). The
+model config is `configs/model/shapes_base/` (the four official config files; read with
+`BagelConfig.from_dir`): BAGEL's architecture unchanged at a tiny size — see docs/results.md "Shapes base
+model" for the trials behind every choice.
 """
 
 from __future__ import annotations
@@ -40,10 +44,12 @@ from bagel_ft.config import BagelConfig, VAEConfig
 from bagel_ft.modeling import Bagel
 from bagel_ft.tokenizer import load_tokenizer, train_bpe_tokenizer
 from bagel_ft.transforms import ImageGeometry
+from demo.base_data import DEFAULT_COUNTS
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CONFIG = REPO / "configs/model/shapes_base"
-TRAIN_CONFIG = REPO / "configs/train/shapes_base.yaml"
+TRAIN_CONFIG = REPO / "configs/train/shapes_base.yaml"  # stage 5: draw, describe, read
+UNIFIED_CONFIG = REPO / "configs/train/shapes_unified.yaml"  # stage 6: the unified mixture
 
 
 @dataclasses.dataclass
@@ -52,7 +58,9 @@ class FlowDefaults:
 
     num_timesteps: int = 26  # schedule points incl. t = 0: 25 Euler steps
     timestep_shift: float = 1.0
-    cfg_text_scale: float = 4.0
+    # no guidance: text CFG 4 turns the unified base's edits (and so every PSIR draft after the first) into
+    # fragmented textures, and single-pass images are no better with it (docs/results.md, "Unified base")
+    cfg_text_scale: float = 1.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
 
 
@@ -125,9 +133,11 @@ def build_init_checkpoint(
     return Path(out)
 
 
-def train_overrides(work: Path, steps: int | None, config: str | Path = TRAIN_CONFIG) -> list[str]:
+def train_overrides(work: Path, steps: int | None, config: str | Path = TRAIN_CONFIG, run: str = "run",
+                    init: str | Path = "init") -> list[str]:  # fmt: skip
     """Dotted overrides that point the trainer YAML `config` at this run's folders: each of its data sources
-    (`.../data/<task>`, weighted there) moves to WORK/data/<task>; tasks without a data folder are left out."""
+    (`.../data/<task>`, weighted there) moves to WORK/data/<task> (tasks without a data folder are left out),
+    run.dir = WORK/<run>, model.path = WORK/<init> (or an absolute `init`)."""
     from training.config import load_config
 
     sources = []
@@ -135,7 +145,7 @@ def train_overrides(work: Path, steps: int | None, config: str | Path = TRAIN_CO
         folder = work / "data" / Path(src.path).name
         if folder.is_dir():
             sources.append({**dataclasses.asdict(src), "path": str(folder)})
-    out = [f"run.dir={work / 'run'}", f"model.path={work / 'init'}", f"data.sources={json.dumps(sources)}"]
+    out = [f"run.dir={work / run}", f"model.path={work / init}", f"data.sources={json.dumps(sources)}"]
     if steps is not None:
         out.append(f"train.steps={steps}")
     return out
@@ -252,16 +262,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="the exported base checkpoint (official layout)")
     ap.add_argument("--work", default="runs/shapes-base", help="intermediate outputs (AE, data, init, run, eval)")
     ap.add_argument("--model-config", default=str(MODEL_CONFIG), help="dir of the four official config files")
-    ap.add_argument("--train-config", default=str(TRAIN_CONFIG), help="the trainer YAML")
-    ap.add_argument("--steps", type=int, default=None, help="override train.steps")
+    ap.add_argument("--train-config", default=str(TRAIN_CONFIG), help="the pretraining stage's trainer YAML")
+    ap.add_argument("--unified-config", default=str(UNIFIED_CONFIG), help="the unified stage's trainer YAML")
+    ap.add_argument("--steps", type=int, default=None, help="override the pretraining stage's train.steps")
+    ap.add_argument("--unified-steps", type=int, default=None, help="override the unified stage's train.steps")
     ap.add_argument("--ae-steps", type=int, default=None, help="override the AE's optimizer steps")
-    ap.add_argument("--t2i", type=int, default=12000, help="t2i records")
-    ap.add_argument("--caption", type=int, default=3000, help="caption records")
-    ap.add_argument("--text", type=int, default=3000, help="text-only caption records: prompt -> describe (0 = none)")
+    for task, n in DEFAULT_COUNTS.items():
+        ap.add_argument(f"--{task}", type=int, default=n, help=f"{task} records (demo.base_tasks; 0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="init seed (AE, model weights)")
     ap.add_argument("--eval-per-category", type=int, default=10, help="ShapesEval prompts per category (0 = skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 on the shared 2-core machine)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra trainer override")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override, both stages")
     ap.add_argument("--reuse", default=None, help="a previous WORK dir whose ae/ and data/ this run links to")
     ap.add_argument("--eval-checkpoints", action="store_true", help="also evaluate every kept training checkpoint")
     ap.add_argument(
@@ -313,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage("autoencoder", (work / "ae" / "metrics.json").is_file(), do_ae)
 
     def do_data() -> None:
-        done = write_base_data(work / "data", args.t2i, args.caption, vae.resolution, text=args.text)
+        done = write_base_data(work / "data", {t: getattr(args, t) for t in DEFAULT_COUNTS}, vae.resolution)
         (work / "data" / "done.json").write_text(json.dumps(done) + "\n")
 
     stage("data", (work / "data" / "done.json").is_file(), do_data)
@@ -331,9 +342,17 @@ def main(argv: list[str] | None = None) -> dict:
         ),
     )
     stage(
-        "train",
+        "pretrain",
+        (work / "pretrain" / "export" / "ema.safetensors").is_file(),
+        lambda: run_training(
+            args.train_config, train_overrides(work, args.steps, args.train_config, "pretrain") + args.set
+        ),
+    )
+    unified = train_overrides(work, args.unified_steps, args.unified_config, "run", "pretrain/export") + args.set
+    stage(
+        "unified",
         (work / "run" / "export" / "ema.safetensors").is_file(),
-        lambda: run_training(args.train_config, train_overrides(work, args.steps, args.train_config) + args.set),
+        lambda: run_training(args.unified_config, unified),
     )
 
     def do_export() -> None:
@@ -348,13 +367,15 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         result["shapes_eval"] = evaluate(args.out, args.eval_per_category, save_dir=work)
         times["evaluate"] = round(time.time() - t0)
+    if args.eval_per_category > 0:
+        from eval.skills import SkillsConfig, run
+
+        t0 = time.time()
+        skills = run(str(args.out), work / "skills", SkillsConfig(limit=args.eval_per_category))
+        result["skills"] = {k: skills[k] for k in ("t2i", "edit", "edit_ops", "verdict", "caption")}
+        times["skills"] = round(time.time() - t0)
     if args.eval_checkpoints:
-        result["checkpoints"] = evaluate_checkpoints(
-            work,
-            args.train_config,
-            train_overrides(work, args.steps, args.train_config) + args.set,
-            max(args.eval_per_category, 5),
-        )
+        result["checkpoints"] = evaluate_checkpoints(work, args.unified_config, unified, max(args.eval_per_category, 5))
     (work / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
     return result

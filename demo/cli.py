@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ShapesEval prompts per category (%(default)s; the fixed set has 40)")  # fmt: skip
     parser.add_argument("--eval-subset", default=None,
                         help="comma-separated ShapesEval categories (default: all ten)")  # fmt: skip
+    parser.add_argument("--replay", type=float, default=d.replay,
+                        help="share of base records in the fine-tune's mixture (%(default)s)")  # fmt: skip
     parser.add_argument("--eval-n", type=int, default=d.eval_n, help="samples per ShapesEval prompt (%(default)s)")
     parser.add_argument("--eval-seed", type=int, default=d.eval_seed, help="ShapesEval base seed (%(default)s)")
     parser.add_argument("--infer-set", action="append", default=[], metavar="KEY=VALUE",
@@ -64,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out, base=args.base, train_config=args.config, train_overrides=list(args.set), prompts=args.prompts,
         data_seed=args.data_seed, psir_prompts=args.psir_prompts, eval_limit=args.eval_limit, eval_n=args.eval_n,
         eval_subset=args.eval_subset.split(",") if args.eval_subset else None, eval_seed=args.eval_seed,
-        inference_overrides=list(args.infer_set), threads=args.threads, progress=not args.quiet,
+        inference_overrides=list(args.infer_set), replay=args.replay, threads=args.threads, progress=not args.quiet,
     )  # fmt: skip
     try:
         run_demo(settings, until=args.until, redo=args.redo)

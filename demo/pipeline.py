@@ -56,6 +56,7 @@ class DemoSettings:
     prompts: int = 320  # shapes prompts per data pipeline (the alignment pipeline makes 3 records per prompt)
     data_seed: int = 0  # data_gen run seed: prompts and every per-prompt seed
     psir_prompts: int = 6  # held-out prompts the psir phase draws (trajectory strips in the report)
+    replay: float = 0.0  # share of the fine-tune's mixture given to base records (`with_replay`), 0 = none
     eval_limit: int = 3  # ShapesEval prompts per category (the first ones of the fixed set)
     eval_subset: list[str] | None = None  # ShapesEval categories (None = all ten)
     eval_n: int = 1  # samples per ShapesEval prompt
@@ -223,8 +224,11 @@ def shapes_eval_run(
     subset: list[str] | None = None,
     progress: bool = True,
     generator=None,
+    prompts: list[dict] | None = None,
 ) -> dict[str, Any]:
-    """An eval run directory (as `bagel-ft eval shapes` writes it; resumes image by image) -> its summary."""
+    """An eval run directory (as `bagel-ft eval shapes` writes it; resumes image by image) -> its summary.
+    `prompts`: prompt dicts to draw instead of ShapesEval's (`eval.shapes_eval.as_eval_prompts`, e.g. a
+    validation set); `limit` / `subset` select among them the same way."""
     from eval import shapes_eval
     from eval.generator import InferenceGenerator
     from eval.run_dir import prepare_run_dir
@@ -234,9 +238,44 @@ def shapes_eval_run(
               "argv": ["demo"], "created": _now()}  # fmt: skip
     prepare_run_dir(out, config)
     generator = generator or InferenceGenerator(str(ckpt), mode, config=inference)
-    prompts = shapes_eval.select_prompts(shapes_eval.load_prompts(), subset, limit)
+    prompts = shapes_eval.select_prompts(prompts or shapes_eval.load_prompts(), subset, limit)
     shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=seed, progress=progress)
     return shapes_eval.score_shapes(out, prompts, n=n, progress=False)
+
+
+REPLAY_SEED = 101  # demo.base_data seed of the replayed base records (not the base's own seed 1)
+REPLAY_RECORDS = 4000  # replayed base records in all, split over the unified mixture's tasks by weight
+
+
+def replay_tasks() -> dict[str, float]:
+    """task -> weight of the base's unified mixture (configs/train/shapes_unified.yaml): what replay draws from."""
+    from demo.base_model import UNIFIED_CONFIG
+    from training.config import load_config
+
+    return {Path(s.path).name: s.weight for s in load_config(UNIFIED_CONFIG).data.sources}
+
+
+def write_replay(out: Path, canvas: int) -> int:
+    """REPLAY_RECORDS base records (`demo.base_data`, seed REPLAY_SEED), split over the tasks by weight."""
+    from demo.base_data import write_base_data
+
+    tasks = replay_tasks()
+    total = sum(tasks.values())
+    counts = {task: max(1, round(REPLAY_RECORDS * w / total)) for task, w in tasks.items()}
+    write_base_data(out, counts, canvas, seed=REPLAY_SEED, log=lambda *_: None)
+    return sum(counts.values())
+
+
+def with_replay(sources: list[dict], replay: float) -> list[dict]:
+    """`sources` (weights summing to 1) scaled to 1 - `replay`, plus the replayed base tasks (data/replay/<task>,
+    written by `write_replay`) sharing `replay` by the unified mixture's weights."""
+    if replay <= 0:
+        return sources
+    tasks = replay_tasks()
+    total = sum(tasks.values())
+    return [{**src, "weight": src["weight"] * (1 - replay)} for src in sources] + [
+        {"path": f"data/replay/{task}", "weight": replay * w / total} for task, w in tasks.items()
+    ]
 
 
 def training_summary(run_dir: Path) -> dict[str, Any]:
@@ -343,14 +382,21 @@ def phase_data(demo: Demo) -> dict[str, Any]:
         t = build_subset(name, prompts, demo.layout.data(name), cfg, demo.s.data_seed)
         totals[name] = {"records": t["kept"], "prompts": t["items"], "rejected": t["rejected"]}
         demo.log(f"  data {name}: {t['kept']} records from {t['items']} prompts (rejected {t['rejected']})")
+    if demo.s.replay > 0:
+        totals["replay"] = {"records": write_replay(demo.layout.data("replay"), demo.canvas)}
     return {"prompts": len(prompts), "canvas": demo.canvas, "subsets": totals}
 
 
 def phase_train(demo: Demo) -> dict[str, Any]:
     from training.trainer import train
 
-    cfg = train_config(demo.s.train_config, demo.s.train_overrides, demo.layout.root, demo.base, demo.s.threads,
-                       demo.s.progress)  # fmt: skip
+    overrides = list(demo.s.train_overrides)
+    if demo.s.replay > 0:
+        from training.config import load_config
+
+        own = [dataclasses.asdict(src) for src in load_config(demo.s.train_config, overrides).data.sources]
+        overrides.append(f"data.sources={json.dumps(with_replay(own, demo.s.replay))}")
+    cfg = train_config(demo.s.train_config, overrides, demo.layout.root, demo.base, demo.s.threads, demo.s.progress)
     if Path(cfg.run.dir) != demo.layout.train:
         raise DemoError(f"run.dir must stay 'train' in the demo (the layout reads it), got {cfg.run.dir}")
     train(cfg)

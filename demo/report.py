@@ -3,11 +3,14 @@
     from demo.report import write_report
     write_report("runs/demo")            # -> runs/demo/report.html (+ report.md)
 
-Sections: what ran (phase wall times, data, training); ShapesEval base vs fine-tuned (per-category scores as a
-bar chart and tables, sub-accuracies, inference cost per prompt — eval.report's tables); the training loss
-curves (inline SVG drawn here); the PSIR trajectories on held-out prompts as strips with their plan / inspect /
-refine text (eval.report's strips), and a few ShapesEval position / attribute-binding trajectories. Everything
-is read from disk (demo.pipeline.Layout), so the page can be rebuilt from a finished or partial folder.
+Sections: what the numbers say (a paragraph generated from them, demo.reading: scores with 95% Wilson intervals,
+what improved and what did not, exact McNemar tests against the base); ShapesEval base vs fine-tuned (per-category
+scores as a bar chart and tables, sub-accuracies, inference cost per prompt — eval.report's tables); the same
+prompts side by side (the base's image, the fine-tuned single-pass and PSIR images, each marked by the judge, and
+the PSIR stream's strip); the PSIR loop on held-out prompts; training: loss curves (inline SVG drawn here), the
+data, and training records — a trajectory with a remove / swap step and why it is there. Strips wrap (every
+draft visible), format failures read as sentences. Everything is read from disk (demo.pipeline.Layout), so the
+page can be rebuilt from a finished or partial folder.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from bagel_ft.trajectory import Trajectory
 from demo.pipeline import EVAL_RUNS, PHASES, Layout, training_summary
+from demo.reading import reading, score
+from eval.intervals import wilson
 from eval.report import STYLE, Run, cost_table, html_table, load_runs, markdown_table, score_table, thumbnail
 from eval.run_dir import load_trajectory, read_jsonl, write_text_atomic
-from inference.html import trajectory_cards
+from inference.html import format_failure_card, trajectory_cards
 
 COLORS = ("#9aa0a6", "#4285f4", "#ea4335", "#34a853", "#fbbc04", "#a142f4")  # series colours, in order
 PAGE_STYLE = (
@@ -30,7 +37,11 @@ PAGE_STYLE = (
 body { max-width: 1200px; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 .plots { display: flex; gap: 16px; flex-wrap: wrap; } svg text { font: 11px system-ui, sans-serif; fill: #333; }
 .note { color: #555; font-size: 0.9em; max-width: 900px; } .failure { background: #fdecea; }
-.card img { width: 128px; } .ok { color: #188038; } .wrong { color: #b00020; }
+.card img { width: 128px; } .ok { color: #188038; font-weight: bold; } .wrong { color: #b00020; font-weight: bold; }
+.reading { max-width: 900px; line-height: 1.5; } .why { max-width: 900px; background: #f1f8e9; padding: 6px 10px; }
+table.cmp td { vertical-align: top; } table.cmp td.prompt { max-width: 260px; } img.cmp { width: 128px; }
+table.cmp .reason { font-size: 0.8em; max-width: 220px; } .more { color: #666; } tr.stream td { border-top: none; background: #fafafa; }
+summary { cursor: pointer; color: #444; font-size: 0.9em; margin: 4px 0; }
 """
 )
 
@@ -103,7 +114,7 @@ def svg_bars(
     groups: list[str], series: dict[str, list[float | None]], title: str, width: int = 1100, height: int = 300
 ) -> str:
     """Grouped bars (one group per category, one bar per series) of scores in [0, 1] as an inline SVG."""
-    left, right, top, bottom = 44, 10, 40, 56
+    left, right, top, bottom = 44, 10, 54, 56  # top: title and legend above the 100% line
     n = max(len(series), 1)
     gw = (width - left - right) / max(len(groups), 1)
     bw = gw * 0.8 / n
@@ -174,16 +185,12 @@ def data_table(layout: Layout) -> tuple[list[str], list[list[str]]] | None:
     return ["subset", "prompts", "records", "rejected (reason: prompts)"], rows
 
 
-def strip(traj: Trajectory | None, title: str, note: str = "", failure: dict | None = None) -> str:
-    """A trajectory as a row of cards in stream order (`inference.html.trajectory_cards`), ending with the
-    format failure that ended the stream, if any, and the text the model wrote."""
-    extra = ""
-    if failure:
-        extra = (f"<div class='card failure'><div class='role'>format failure</div><pre>"
-                 f"{html.escape(failure.get('reason', ''))}\n\nwrote: {html.escape(failure.get('text', '')[:300])!s}"
-                 f"</pre></div>")  # fmt: skip
-    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), extra)
-    return f"<p><b>{html.escape(title)}</b> <small>{note}</small></p>{cards}"
+def strip(traj: Trajectory | None, title: str, note: str = "", failure: dict | None = None, above: str = "") -> str:
+    """A trajectory as a row of cards in stream order (`inference.html.trajectory_cards`; it wraps), ending with
+    the format failure that ended the stream, if any, as a sentence (`inference.html.format_failure_card`);
+    `above`: HTML between the title and the cards."""
+    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), format_failure_card(failure))
+    return f"<p><b>{html.escape(title)}</b> <small>{note}</small></p>{above}{cards}"
 
 
 def _verdict(correct: bool | None) -> str:
@@ -191,25 +198,61 @@ def _verdict(correct: bool | None) -> str:
             None: "not judged"}[correct]  # fmt: skip
 
 
-def data_examples(layout: Layout) -> list[str]:
-    """One training record per subset, preferring the instructive ones: a trajectory with a modify / swap /
-    remove edit, an inconsistent critique (inspect -> refine -> corrected image), an inconsistent alignment pair."""
+REWRITES = ("remove", "swap", "modify")  # the rewrite ops a training example should show, most instructive first
+
+
+def rewrite_record(layout: Layout) -> Trajectory | None:
+    """The first trajectory record with a remove or swap step (else a modify step), found by reading only the
+    records' meta; None when the data holds none."""
     import pyarrow.parquet as pq
 
     from bagel_ft.trajectory import normalize_row
 
-    def wanted(t: Trajectory) -> bool:
-        if t.subset == "trajectory":
-            return any(s["op"] in ("modify", "swap", "remove") for s in t.meta.get("steps", []))
-        return t.label == "inconsistent"
+    best: tuple[int, Path, int] | None = None
+    for f in sorted(layout.data("trajectories").glob("*.parquet")):
+        for i, meta in enumerate(pq.read_table(f, columns=["meta"]).column("meta").to_pylist()):
+            ops = {s["op"] for s in json.loads(meta or "{}").get("steps", [])}
+            rank = min((REWRITES.index(o) for o in ops if o in REWRITES), default=None)
+            if rank is not None and (best is None or rank < best[0]):
+                best = (rank, f, i)
+        if best is not None and best[0] < 2:
+            break
+    if best is None:
+        return None
+    row = pq.read_table(best[1]).slice(best[2], 1).to_pylist()[0]
+    return Trajectory.from_row(normalize_row(row))
+
+
+def rewrite_example(traj: Trajectory) -> str:
+    """The strip of a trajectory record with rewrite steps and, for each, the sentence that says why it is there
+    (`scene_graphs.describe.explain_rewrite`, from meta.steps)."""
+    from scene_graphs import SceneGraph
+    from scene_graphs.describe import explain_rewrite
+
+    steps = [(s["op"], SceneGraph.from_json(s["graph"])) for s in traj.meta["steps"]]
+    why = [explain_rewrite(steps, k) for k, (op, _) in enumerate(steps) if op != "add"]
+    ops = " → ".join(op for op, _ in steps)
+    reasons = "".join(f"<p class='why'>{html.escape(w)}</p>" for w in why)  # read first, then seen in the strip
+    return strip(traj, traj.prompt, f"trajectory, steps: {ops} (step n = the n-th plan and its draft)", above=reasons)
+
+
+def data_examples(layout: Layout) -> list[str]:
+    """Training records: a trajectory with a remove / swap (else modify) step and why it is there, then an
+    inconsistent critique (inspect -> refine -> corrected image) and an inconsistent alignment pair."""
+    import pyarrow.parquet as pq
+
+    from bagel_ft.trajectory import normalize_row
 
     out = []
-    for name in ("trajectories", "critiques", "alignment"):
+    rewrite = rewrite_record(layout)
+    if rewrite is not None:
+        out.append(rewrite_example(rewrite))
+    for name in ("trajectories", "critiques", "alignment")[0 if rewrite is None else 1 :]:
         files = sorted(layout.data(name).glob("*.parquet"))
         rows = pq.read_table(files[0]).to_pylist()[:64] if files else []
         records = [Trajectory.from_row(normalize_row(r)) for r in rows]
         if records:
-            t = next((r for r in records if wanted(r)), records[0])
+            t = next((r for r in records if r.label == "inconsistent"), records[0])
             out.append(strip(t, t.prompt or "(no prompt)", f"{t.subset}{', ' + t.label if t.label else ''}"))
     return out or ["<p class='note'>the data phase has not run yet</p>"]
 
@@ -228,14 +271,94 @@ def psir_strips(layout: Layout) -> list[str]:
     return out
 
 
-def eval_strips(run: Run, categories: tuple[str, ...] = ("position", "color_attr"), per_category: int = 2) -> list[str]:
-    out = []
-    for c in categories:
-        recs = [r for r in run.records if r["category"] == c and r.get("trajectory")][:per_category]
-        for r in recs:
-            traj = load_trajectory(run.path / r["trajectory"])
-            out.append(strip(traj, r["prompt"], f"[{c}] {_verdict(r.get('correct'))}", traj.meta.get("failure")))
-    return out or ["<p class='note'>no PSIR trajectory in these categories (the streams wrote nothing valid)</p>"]
+COLUMNS = (("base-single", "base, single pass"), ("finetuned-single", "fine-tuned, single pass"),
+           ("finetuned-psir", "fine-tuned, PSIR (final image)"))  # eval run name (EVAL_RUNS) -> column title
+
+
+SHOWN_REASONS = 2  # judge's reasons shown under an image
+
+
+def _judged(run: Run, rec: dict[str, Any] | None) -> str:
+    """A table cell: the image, the judge's mark and its reasons."""
+    if rec is None:
+        return "<td class='note'>not drawn yet</td>"
+    path = run.path / rec["image"]
+    img = f"<img class='cmp' src='{thumbnail(Image.open(path), 128)}' alt='{html.escape(rec['key'])}'>" if path.is_file() else ""
+    mark = "<div class='ok'>✓ correct</div>" if rec["correct"] else "<div class='wrong'>✗ wrong</div>"
+    said = rec.get("reasons") or []
+    reasons = "".join(f"<div class='reason'>{html.escape(r)}</div>" for r in said[:SHOWN_REASONS])
+    if len(said) > SHOWN_REASONS:  # the rest on hover: a row stays about one image high
+        rest = html.escape("\n".join(said[SHOWN_REASONS:]))
+        reasons += f"<div class='reason more' title='{rest}'>… and {len(said) - SHOWN_REASONS} more</div>"
+    return f"<td>{img}{mark}{reasons}</td>"
+
+
+def stream_row(run: Run, rec: dict[str, Any]) -> str:
+    """The PSIR stream behind an eval record as a strip (under a one-line summary), its format failure as a
+    sentence; "" for a record without a stream."""
+    failure = rec.get("failure")
+    if not rec.get("trajectory"):
+        if not failure:
+            return ""
+        return ("<p class='note'>PSIR stream: nothing to show, it broke the format before its first turn was kept</p>"
+                f"<div class='strip'>{format_failure_card(failure)}</div>")  # fmt: skip
+    try:
+        traj = load_trajectory(run.path / rec["trajectory"])
+    except (OSError, ValueError) as e:  # FormatError is a ValueError: say so, keep the page
+        return f"<p class='reason'>trajectory unreadable: {html.escape(str(e))}</p>"
+    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), format_failure_card(failure or traj.meta.get("failure")))
+    drafts = sum(t.is_image for t in traj.turns)
+    texts, steps = len(traj.turns) - drafts, (rec.get("cost") or {}).get("flow_steps", 0)
+    summary = (f"PSIR stream: {drafts} draft{'s' if drafts != 1 else ''}, {texts} text turn{'s' if texts != 1 else ''}, "
+               f"{steps:.0f} Euler steps; stopped: {traj.meta.get('stop_reason') or '?'}")  # fmt: skip
+    return f"<details open><summary>{html.escape(summary)}</summary>{cards}</details>"
+
+
+def side_by_side(runs: dict[str, Run]) -> str:
+    """One row per ShapesEval prompt (its first sample): the base's image, the fine-tuned single-pass image and the
+    fine-tuned PSIR final image, each with the judge's mark and reasons; the PSIR stream's strip below it."""
+    by_key = {name: {r["key"]: r for r in run.records} for name, run in runs.items()}
+    keys = sorted({k for recs in by_key.values() for k in recs if k.endswith("_00")})
+    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in COLUMNS)
+    rows = [f"<table class='cmp'><tr><th>prompt</th>{head}</tr>"]
+    for key in keys:
+        rec = next(recs[key] for recs in by_key.values() if key in recs)
+        cells = "".join(_judged(runs[n], by_key[n].get(key)) if n in runs else "<td class='note'>not run yet</td>"
+                        for n, _ in COLUMNS)  # fmt: skip
+        rows.append(f"<tr><td class='prompt'><b>{html.escape(rec['prompt'])}</b><br><small>{html.escape(rec['category'])}"
+                    f" · {html.escape(key)}</small></td>{cells}</tr>")  # fmt: skip
+        psir = by_key.get("finetuned-psir", {}).get(key)
+        stream = stream_row(runs["finetuned-psir"], psir) if psir else ""
+        if stream:
+            rows.append(f"<tr class='stream'><td colspan='{len(COLUMNS) + 1}'>{stream}</td></tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def interval_table(runs: dict[str, Run]) -> tuple[list[str], list[list[str]]]:
+    """Each run's images right, score and 95% Wilson interval (demo.reading)."""
+    rows = []
+    for name, run in runs.items():
+        sc = score(run)
+        lo, hi = wilson(sc.correct, sc.images)
+        rows.append([name, f"{sc.correct} / {sc.images}", f"{100 * sc.rate:.1f}%", f"{100 * lo:.1f}–{100 * hi:.1f}%"])
+    return ["run", "images right", "score", "95% interval (Wilson, over images)"], rows
+
+
+def header(layout: Layout, settings: dict[str, Any], runs: list[Run], train: dict[str, Any]) -> str:
+    """What ran, as far as the folder tells (demo.json, else the eval runs' config.json)."""
+    config = runs[0].config if runs else {}
+    limit, n, seed = (settings.get(k, config.get(c)) for k, c in (("eval_limit", "limit"), ("eval_n", "n"),
+                                                                   ("eval_seed", "seed")))  # fmt: skip
+    base = html.escape(str(settings.get("base") or "checkpoints/shapes-base"))
+    text = f"Base <code>{base}</code>"
+    if settings.get("train_config") or train.get("steps"):
+        recipe = html.escape(Path(str(settings.get("train_config") or "the demo recipe")).name)
+        text += (f" fine-tuned with <code>{recipe}</code> ({train.get('steps', 0)} steps, "
+                 f"{train.get('tokens', 0):,} tokens seen)")  # fmt: skip
+    if limit is not None:
+        text += f"; ShapesEval on the first {limit} prompts of each category, {n} sample(s) each, seed {seed}"
+    return text + f". Folder: <code>{html.escape(str(layout.root))}</code>."
 
 
 # ---- the page ----------------------------------------------------------------------------------------------------
@@ -249,11 +372,7 @@ def write_report(root: str | Path) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bagel-ft demo</title>"
              f"<style>{PAGE_STYLE}</style></head><body>",
              "<h1>bagel-ft demo: Plan → Sketch → Inspect → Refine on the shapes world</h1>",
-             f"<p class='note'>Base <code>{html.escape(str(settings.get('base') or 'checkpoints/shapes-base'))}</code>"
-             f" fine-tuned with <code>{html.escape(Path(str(settings.get('train_config', ''))).name)}</code> "
-             f"({train.get('steps', 0)} steps, {train.get('tokens', 0):,} tokens seen); ShapesEval on the first "
-             f"{settings.get('eval_limit')} prompts of each category, {settings.get('eval_n')} sample(s) each, "
-             f"seed {settings.get('eval_seed')}. Folder: <code>{html.escape(str(layout.root))}</code>.</p>"]  # fmt: skip
+             f"<p class='note'>{header(layout, settings, runs, train)}</p>"]
     md = ["# bagel-ft demo", ""]
 
     def table(title: str, t: tuple[list[str], list[list[str]]] | None) -> None:
@@ -261,6 +380,11 @@ def write_report(root: str | Path) -> Path:
             parts.extend([f"<h3>{html.escape(title)}</h3>", html_table(*t)])
             md.extend([f"### {title}", "", markdown_table(*t), ""])
 
+    named = {r.path.name: r for r in runs}  # eval run name (EVAL_RUNS) -> run
+    held_out = read_jsonl(layout.psir / "records.jsonl")
+    paragraphs = [" ".join(p) for p in reading(named, held_out)]
+    parts += ["<h2>What the numbers say</h2>", *(f"<p class='reading'>{html.escape(p)}</p>" for p in paragraphs)]
+    md += ["## What the numbers say", "", *(f"{p}\n" for p in paragraphs)]
     parts.append("<h2>ShapesEval: base vs fine-tuned</h2>")
     md.append("## ShapesEval: base vs fine-tuned\n")
     if runs:
@@ -268,9 +392,16 @@ def write_report(root: str | Path) -> Path:
         series = {r.label: [r.summary["categories"].get(c, {}).get("score") for c in cats] + [r.summary["overall"]]
                   for r in runs}  # fmt: skip
         parts.append(svg_bars(cats + ["overall"], series, "accuracy per category (judge: exact scene match)"))
+        table("Overall, with the spread at this n", interval_table(named))
         table("Scores by category (n = images judged)", score_table(runs))
         table("Sub-accuracies (n = checks)", score_table(runs, key="subscores"))
         table("Inference cost per prompt (images, Euler steps, text tokens, seconds)", cost_table(runs))
+        parts.append("<h2>The same prompts, base and fine-tuned</h2>")
+        parts.append("<p class='note'>Each ShapesEval prompt drawn by the base and the fine-tuned model (same seed), "
+                     "marked by the judge with its reasons; below each row, the PSIR stream that made the last "
+                     f"image.{' The first sample of each prompt is shown.' if (settings.get('eval_n') or 1) > 1 else ''}"
+                     "</p>")  # fmt: skip
+        parts.append(side_by_side(named))
     else:
         parts.append("<p class='note'>no eval run finished yet</p>")
     parts.append("<h2>PSIR on held-out prompts (fine-tuned model)</h2>")
@@ -279,14 +410,10 @@ def write_report(root: str | Path) -> Path:
         "judged against the prompt's scene graph.</p>"
     )
     parts.extend(psir_strips(layout))
-    psir_run = next((r for r in runs if r.config.get("mode") == "psir"), None)
-    if psir_run is not None:
-        parts.append("<h2>ShapesEval trajectories: position and attribute binding</h2>")
-        parts.extend(eval_strips(psir_run))
     parts.append("<h2>Training</h2>")
     parts.append(loss_curves(layout.train))
     table("Data (data_gen, offline shapes world)", data_table(layout))
-    parts.append("<h3>What the model was trained on (one record per subset)</h3>")
+    parts.append("<h3>What the model was trained on</h3>")
     parts.extend(data_examples(layout))
     table("Phases (wall time on this machine)", phase_table(layout))
     parts.append("</body></html>")

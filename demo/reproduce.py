@@ -1,22 +1,33 @@
-"""The paper's claim in miniature: fine-tune the shapes base model three ways at equal optimizer steps and equal
+"""The paper's claim in miniature: fine-tune the shapes base model several ways at equal optimizer steps and equal
 pack size (tokens per step), then score every arm on the same ShapesEval prompts with the same seeds.
 
-    python -m demo.reproduce --out runs/repro                  # ~45 min on 2 CPU cores (needs checkpoints/shapes-base)
-    bagel-ft demo --reproduce --out runs/repro                 # the same
+    python -m demo.reproduce --out runs/repro                  # all 400 ShapesEval prompts, seeds 0 and 1
+    python -m demo.reproduce --out runs/repro-val --eval-set validation --arms single,psir --seeds 0 \
+        --eval-limit 5 --set optim.lr=2e-4 --replay 0.3        # one point of the settings search (never ShapesEval)
+    python -m demo.reproduce --out runs/repro-s0 --seeds 0 & python -m demo.reproduce --out runs/repro-s1 --seeds 1
+    python -m demo.reproduce --out runs/repro --merge runs/repro-s0,runs/repro-s1   # one table (2 cores, 2 runs)
     python -m demo.reproduce --out /tmp/repro-smoke --base /tmp/base --prompts 16 --steps 4 --eval-limit 1 \
-        --seeds 0 --critique-prompts 4                          # plumbing only, a few minutes
+        --seeds 0 --critique-prompts 4 --critiques drafter      # plumbing only, a few minutes
 
 Arms (from the same base, configs/train/demo_psir.yaml, the same steps and packing, `run.seed` = seed):
-  single      `t2i` records: each trajectory prompt -> that trajectory's final image (nothing else)
-  psir        the multi-turn `trajectory` records (plan / sketch with modify / swap / remove edits, inspect)
-  psir_crit   trajectories + `critique` records self-sampled from the psir arm (seed 0: its own PSIR streams on
-              held-back prompts, judged step by step, corrected by the shapes editor) + `alignment` pairs;
-              `--critiques drafter` uses data_gen's offline imperfect drafter instead of the model's own streams
+  single       `t2i` records: each trajectory prompt -> that trajectory's final image (nothing else)
+  psir         the multi-turn `trajectory` records (plan / sketch with modify / swap / remove edits, an inspect
+               after every image)
+  psir_crit    trajectories + `critique` records self-sampled from the psir arm (seed 0: its own PSIR streams on
+               held-back prompts, judged step by step, corrected by the shapes editor) + `alignment` pairs;
+               `--critiques drafter` uses data_gen's offline imperfect drafter instead of the model's own streams
+  psir_sketch  the ablation: the trajectories without their inspect turns but the closing one (the stop
+               signal), i.e. plan + incremental sketches with no inspect / refine in between
+With `--replay R`, a share R of every arm's mixture is base records (`demo.base_data`, the unified mixture's
+tasks and weights, `demo.pipeline.write_replay`), the same for every arm.
 
-Eval: ShapesEval's first `--eval-limit` prompts of every category, one sample each, eval seed = the arm's seed;
-the base and the single arm in single mode, the PSIR arms in psir mode and (cost-matched) in single mode. The
-table (OUT/results.md, OUT/results.json) gives per-category accuracy as mean ± half the range over seeds, the
-sub-accuracies, the inference cost per prompt (images, Euler steps) and the tokens each arm trained on.
+Eval: the first `--eval-limit` prompts of every category (40 = all of ShapesEval), one sample each, eval seed =
+the arm's seed; the base and the single arm in single mode, the PSIR arms in psir mode and (cost-matched) in
+single mode. `--eval-set validation` scores on generated prompts outside ShapesEval and every training prompt
+instead: the settings (learning rate, steps, replay) are chosen there, the same for every arm. The table
+(OUT/results.md, OUT/results.json) gives per-category accuracy as the mean over seeds with a 95% bootstrap
+interval over prompts, the sub-accuracies (mean ± half the range over seeds), the inference cost per prompt
+(images, Euler steps), where the PSIR streams go wrong, and the tokens each arm trained on.
 
 Phases are demo.pipeline's (OUT/phases/<name>.json, resumable; an interrupted training continues from its last
 checkpoint). Training prompts exclude ShapesEval's; critique prompts are disjoint from the training prompts.
@@ -49,7 +60,10 @@ from demo.pipeline import (
     train_config,
     training_prompts,
     training_summary,
+    with_replay,
+    write_replay,
 )
+from eval.run_dir import read_jsonl
 
 ARMS = {  # arm -> (training sources relative to OUT, eval modes)
     "single": ([{"path": "data/t2i", "weight": 1.0}], ("single",)),
@@ -62,8 +76,12 @@ ARMS = {  # arm -> (training sources relative to OUT, eval modes)
         ],
         ("psir", "single"),
     ),
+    # the ablation: plan + incremental sketches, no inspect turn but the closing one (the stop signal), no refine
+    "psir_sketch": ([{"path": "data/sketches", "weight": 1.0}], ("psir",)),
 }
 CRITIQUE_SEED = 1  # data_gen run seed of the critique prompts (disjoint from the training prompts by filtering)
+VALIDATION_SEED = 20261206  # prompt seed of the validation set (fine-tune settings are chosen on it)
+EVAL_SETS = ("shapes", "validation")
 
 
 @dataclass
@@ -80,7 +98,9 @@ class ReproSettings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # which arms to train (experiments: a subset)
     data_overrides: list[str] = field(default_factory=list)  # data_gen config overrides, e.g. pipeline.edit_prob=0
     inference_overrides: list[str] = field(default_factory=list)  # e.g. options.budget.max_images=3 (every eval)
-    eval_limit: int = 3  # ShapesEval prompts per category (x seeds = images per category and arm)
+    replay: float = 0.0  # share of every arm's mixture given to base records (the unified mixture), 0 = none
+    eval_set: str = "shapes"  # shapes (ShapesEval) | validation (generated prompts, for choosing settings)
+    eval_limit: int = 40  # prompts per category (ShapesEval: 40 = all 400; x seeds = images per category and arm)
     threads: int = 1  # torch CPU threads (see demo.pipeline.DemoSettings.threads)
     progress: bool = True
 
@@ -114,6 +134,23 @@ class Repro:
         train = training_prompts(self.s.prompts, 0, held)
         return train, training_prompts(self.s.critique_prompts, CRITIQUE_SEED, held | set(train))
 
+    def eval_prompts(self) -> list[dict] | None:
+        """The prompt dicts every arm is scored on: None = ShapesEval's; `validation`: generated prompts outside
+        ShapesEval and every training and critique prompt (categories in round robin, `eval_limit` each)."""
+        if self.s.eval_set == "shapes":
+            return None
+        from demo.pipeline import held_out_prompts
+        from eval.shapes_eval import as_eval_prompts
+        from scene_graphs.shapes import CATEGORIES
+
+        train, crit = self.prompts()
+        exclude = eval_prompt_texts() | set(train) | set(crit)
+        return as_eval_prompts(held_out_prompts(self.s.eval_limit * len(CATEGORIES), exclude, VALIDATION_SEED))
+
+    def sources(self, arm: str) -> list[dict]:
+        """The arm's training sources, with the base-record replay (`replay` of the mixture) when asked."""
+        return with_replay(ARMS[arm][0], self.s.replay)
+
 
 # ---- phases ------------------------------------------------------------------------------------------------
 def phase_data(r: Repro) -> dict[str, Any]:
@@ -124,7 +161,29 @@ def phase_data(r: Repro) -> dict[str, Any]:
         for name in ("trajectories", "alignment")
     }
     out["t2i"] = write_t2i(r.root / "data" / "trajectories", r.root / "data" / "t2i")
+    out["sketches"] = write_sketches(r.root / "data" / "trajectories", r.root / "data" / "sketches")
+    if r.s.replay > 0:
+        out["replay"] = write_replay(r.root / "data" / "replay", r.canvas)
     return {"records": out, "prompts": len(train)}
+
+
+def write_sketches(trajectories: Path, out: Path) -> int:
+    """The ablation's records: every trajectory without its inspect turns, but the closing one (the stop)."""
+    from bagel_ft.trajectory import Trajectory
+    from data_gen.shards import write_parquet
+    from training.data import RecordTable
+
+    table = RecordTable(trajectories)
+    records = []
+    for i in range(len(table)):
+        t = table.get(i)
+        last = max(k for k, turn in enumerate(t.turns) if turn.role == "inspect")
+        turns = [turn for k, turn in enumerate(t.turns) if turn.role != "inspect" or k == last]
+        meta = {**t.meta, "source": "demo.reproduce:sketches", "from_record": t.id}
+        records.append(Trajectory(t.prompt, turns, list(t.images), "trajectory", meta=meta))
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(records, out / "sketches-00000.parquet")
+    return len(records)
 
 
 def write_t2i(trajectories: Path, out: Path) -> int:
@@ -172,10 +231,9 @@ def phase_critiques(r: Repro) -> dict[str, Any]:
 
 def arm_overrides(r: Repro, arm: str, seed: int) -> list[str]:
     """The trainer overrides of one arm: its sources, steps, seed, run dir, and its calibrated pack size."""
-    sources, _ = ARMS[arm]
     run_dir = r.arm_dir(arm, seed).relative_to(r.root)
     return [*r.s.train_overrides, f"train.steps={r.s.steps}", f"run.seed={seed}", f"run.dir={run_dir}",
-            f"data.sources={json.dumps(sources)}", *packing(r, arm)]  # fmt: skip
+            f"data.sources={json.dumps(r.sources(arm))}", *packing(r, arm)]  # fmt: skip
 
 
 def mean_pack_tokens(cfg, packs: int = 200) -> float:
@@ -197,7 +255,7 @@ def packing(r: Repro, arm: str) -> list[str]:
     cache = json.loads(path.read_text()) if path.is_file() else {}
 
     def measure(name: str, extra: list[str]) -> float:
-        overrides = [*r.s.train_overrides, f"data.sources={json.dumps(ARMS[name][0])}", "data.prefetch=0", *extra]
+        overrides = [*r.s.train_overrides, f"data.sources={json.dumps(r.sources(name))}", "data.prefetch=0", *extra]
         return mean_pack_tokens(train_config(r.s.train_config, overrides, r.root, r.base, r.s.threads, False))
 
     if "single" not in cache:
@@ -238,7 +296,7 @@ def phase_eval(arm: str, seed: int, mode: str):
         s = r.s
         name = f"{arm}-s{seed}-{mode}"
         summary = shapes_eval_run(r.ckpt(arm, seed), mode, r.eval_dir(arm, seed, mode), r.inference, s.eval_limit, 1,
-                                  seed, name, progress=s.progress)  # fmt: skip
+                                  seed, name, progress=s.progress, prompts=r.eval_prompts())  # fmt: skip
         r.log(f"  {name}: overall {summary['overall']:.3f}")
         return {"overall": summary["overall"], "cost_per_sample": summary["cost_per_sample"]}
 
@@ -259,6 +317,10 @@ def phase_table(r: Repro) -> dict[str, Any]:
 
 def phases(s: ReproSettings) -> list[Phase]:
     """data -> psir arm (first seed) -> the critiques it drafts -> the other trainings -> evals -> table."""
+    if s.eval_set not in EVAL_SETS:
+        raise DemoError(f"eval_set: expected one of {EVAL_SETS}, got {s.eval_set!r}")
+    if not 0 <= s.replay < 1:
+        raise DemoError(f"replay: expected a share in [0, 1), got {s.replay}")
     unknown = set(s.arms) - set(ARMS)
     if unknown or (s.critiques == "self" and "psir_crit" in s.arms and "psir" not in s.arms):
         raise DemoError(f"arms: expected some of {list(ARMS)} (psir_crit with self critiques needs psir), got {s.arms}")
@@ -302,10 +364,35 @@ def collect(r: Repro) -> dict[str, Any]:
             continue
         train = {sd: training_summary(r.arm_dir(arm, sd)) for sd in per_seed} if arm != "base" else {}
         streams = [stream_diagnostics(r.eval_dir(arm, sd, mode)) for sd in per_seed] if mode == "psir" else []
+        records = {sd: read_jsonl(r.eval_dir(arm, sd, mode) / "records.jsonl") for sd in per_seed}
         rows.append({"arm": arm, "mode": mode, "seeds": sorted(per_seed), "scores": spread(per_seed),
+                     "ci": bootstrap_ci(records),
                      "cost": _mean([s["cost_per_sample"] or {} for s in per_seed.values()]),
                      "streams": _mean(streams) if streams else {}, "train": train})  # fmt: skip
     return {"settings": r.s.identity(), "base": str(r.base), "rows": rows}
+
+
+def bootstrap_ci(records: dict[int, list[dict]], draws: int = 2000, seed: int = 0) -> dict[str, list[float]]:
+    """95% intervals of overall (mean over categories) and of every category's accuracy, by the bootstrap over
+    prompts: each draw resamples the prompts of every category with replacement, keeping a prompt's images of
+    all seeds together, and averages over prompts and seeds (percentiles 2.5 / 97.5)."""
+    import numpy as np
+
+    by_cat: dict[str, dict[str, list[float]]] = {}  # category -> prompt index -> correct per seed
+    for rows in records.values():
+        for rec in rows:
+            prompt = rec["key"].split("_")[0]
+            by_cat.setdefault(rec["category"], {}).setdefault(prompt, []).append(float(rec["correct"]))
+    if not by_cat:
+        return {}
+    rng = np.random.default_rng(seed)
+    samples = {}
+    for cat, prompts in by_cat.items():
+        acc = np.array([sum(v) / len(v) for v in prompts.values()])  # per prompt, mean over seeds
+        idx = rng.integers(0, len(acc), size=(draws, len(acc)))
+        samples[cat] = acc[idx].mean(axis=1)
+    samples["overall"] = np.mean([samples[c] for c in by_cat], axis=0)
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
 
 
 def stream_diagnostics(run: Path) -> dict[str, float]:
@@ -355,22 +442,31 @@ def _mean(dicts: list[dict[str, float]]) -> dict[str, float]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    def cell(scores: dict, key: str) -> str:
-        v = scores.get(key)
+    """The tables: accuracy in % as mean over seeds [95% bootstrap interval over prompts]; sub-accuracies as
+    mean ± half the range over seeds."""
+
+    def cell(row: dict, key: str) -> str:
+        v, ci = row["scores"].get(key), row.get("ci", {}).get(key)
+        if v is None:
+            return "—"
+        return f"{100 * v['mean']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{100 * v['mean']:.1f}"
+
+    def sub(row: dict, key: str) -> str:
+        v = row["scores"].get(key)
         return "—" if v is None else f"{100 * v['mean']:.1f} ± {100 * v['half_range']:.1f}"
 
     rows = results["rows"]
     cats = [k for k in (rows[0]["scores"] if rows else {}) if k != "overall" and not k.startswith("sub:")]
-    head = ["arm", "mode", "overall", "position", "color_attr", "sub: position", "sub: color", "images / prompt",
-            "Euler steps / prompt", "train tokens (per seed)"]  # fmt: skip
+    head = ["arm", "mode", "overall", "position", "color_attr", "sub: shape", "sub: position", "sub: color",
+            "images / prompt", "Euler steps / prompt", "train tokens (per seed)"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        sc, cost = row["scores"], row["cost"]
+        cost = row["cost"]
         tokens = ", ".join(f"{t['tokens']:,}" for t in row["train"].values()) if row["train"] else "—"
-        lines.append("| " + " | ".join([row["arm"], row["mode"], cell(sc, "overall"), cell(sc, "position"),
-                                        cell(sc, "color_attr"), cell(sc, "sub:position"), cell(sc, "sub:color"),
-                                        f"{cost.get('images', 0):.2f}", f"{cost.get('flow_steps', 0):.0f}",
-                                        tokens]) + " |")  # fmt: skip
+        lines.append("| " + " | ".join([row["arm"], row["mode"], cell(row, "overall"), cell(row, "position"),
+                                        cell(row, "color_attr"), sub(row, "sub:shape"), sub(row, "sub:position"),
+                                        sub(row, "sub:color"), f"{cost.get('images', 0):.2f}",
+                                        f"{cost.get('flow_steps', 0):.0f}", tokens]) + " |")  # fmt: skip
     psir = [row for row in rows if row["streams"]]
     if psir:
         keys = ("no_image", "format_failure", "plan_ok", "draws_plan")
@@ -380,8 +476,37 @@ def markdown(results: dict[str, Any]) -> str:
         ]
     lines += ["", "| arm | mode | " + " | ".join(cats) + " |", "|" + "---|" * (len(cats) + 2)]
     for row in rows:
-        lines.append(f"| {row['arm']} | {row['mode']} | " + " | ".join(cell(row["scores"], c) for c in cats) + " |")
+        lines.append(f"| {row['arm']} | {row['mode']} | " + " | ".join(cell(row, c) for c in cats) + " |")
     return "\n".join(lines) + "\n"
+
+
+def merge_runs(outs: list[str | Path], dest: str | Path) -> dict[str, Any]:
+    """One table from reproductions run in parallel, one seed each (same settings but `seeds`): every arm and
+    eval of seed s is read from the run that has it; writes dest/results.json and dest/results.md."""
+    roots = [Path(o) for o in outs]
+    settings = [json.loads(Layout(r).settings.read_text()) for r in roots]
+    same = [{k: v for k, v in s.items() if k != "seeds"} for s in settings]
+    if any(x != same[0] for x in same[1:]):
+        diff = sorted({k for x in same[1:] for k in x if x[k] != same[0].get(k)})
+        raise DemoError(f"merge: the runs differ in {diff}; only their seeds may differ")
+    owner = {seed: root for root, st in zip(roots, settings, strict=True) for seed in st["seeds"]}
+    fields = {f.name for f in dataclasses.fields(ReproSettings)}
+    merged = ReproSettings(**{k: v for k, v in same[0].items() if k in fields}, seeds=sorted(owner), out=dest)
+
+    class Merged(Repro):
+        def arm_dir(self, arm: str, seed: int) -> Path:
+            return owner[seed] / "arms" / f"{arm}-s{seed}"
+
+        def eval_dir(self, arm: str, seed: int, mode: str) -> Path:
+            return owner[seed] / "eval" / f"{arm}-s{seed}-{mode}"
+
+    results = collect(Merged(merged))
+    results["runs"] = {str(seed): str(root) for seed, root in owner.items()}
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (dest / "results.md").write_text(markdown(results))
+    return results
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
@@ -413,16 +538,29 @@ def main(argv: list[str] | None = None) -> int:
                     help="data_gen config override (repeatable), e.g. --data-set pipeline.edit_prob=0")  # fmt: skip
     ap.add_argument("--infer-set", action="append", default=[], metavar="KEY=VALUE",
                     help="inference override for every eval (repeatable), e.g. --infer-set options.flow.cfg_text_scale=2")  # fmt: skip
-    ap.add_argument("--eval-limit", type=int, default=d.eval_limit, help="ShapesEval prompts per category")
+    ap.add_argument("--eval-limit", type=int, default=d.eval_limit, help="prompts per category (%(default)s)")
+    ap.add_argument("--eval-set", choices=EVAL_SETS, default=d.eval_set,
+                    help="score on ShapesEval, or on generated validation prompts (to choose settings)")  # fmt: skip
+    ap.add_argument("--replay", type=float, default=d.replay, help="share of base records in every arm (%(default)s)")
     ap.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (%(default)s)")
+    ap.add_argument("--merge", default=None, metavar="OUT1,OUT2,...",
+                    help="write --out/results.md from runs made in parallel, one seed each (no training)")  # fmt: skip
     ap.add_argument("--until", default=None, help="stop after this phase")
     ap.add_argument("--redo", default=None, help="redo this phase and every later one")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
+    if a.merge:
+        try:
+            print(markdown(merge_runs(a.merge.split(","), a.out)))
+        except DemoError as e:
+            print(f"demo.reproduce: {e}", file=sys.stderr)
+            return 1
+        return 0
     s = ReproSettings(out=a.out, base=a.base, train_config=a.config, train_overrides=list(a.set), steps=a.steps,
                       prompts=a.prompts, critique_prompts=a.critique_prompts, critiques=a.critiques,
                       seeds=[int(x) for x in a.seeds.split(",")], arms=a.arms.split(","),
-                      data_overrides=list(a.data_set), inference_overrides=list(a.infer_set), eval_limit=a.eval_limit, threads=a.threads,
+                      data_overrides=list(a.data_set), inference_overrides=list(a.infer_set), eval_limit=a.eval_limit,
+                      eval_set=a.eval_set, replay=a.replay, threads=a.threads,
                       progress=not a.quiet)  # fmt: skip
     try:
         run_reproduction(s, a.until, a.redo)

@@ -13,6 +13,9 @@
   bagel-ft eval shapes --ckpt runs/ft/ckpt --mode scaled --out runs/eval/shapes-ft-scaled
   bagel-ft eval shapes --ckpt oracle:shapes --out runs/eval/shapes-oracle          # the judge's ceiling
 
+  # a unified model's skills on held-out shapes scenes: t2i, edit, verdict, caption (eval/skills.py)
+  bagel-ft eval skills --ckpt checkpoints/shapes-base --out runs/eval/skills-base --limit 20
+
   # CPU-sized smoke run of the plumbing (noise images, 2 prompts per category)
   bagel-ft eval geneval --ckpt debug:noise --out /tmp/geneval-smoke --n 2 --limit 2
 
@@ -43,7 +46,7 @@ from typing import Any
 
 import yaml
 
-BENCHMARKS = ("geneval", "wise", "shapes")
+BENCHMARKS = ("geneval", "wise", "shapes", "skills")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -101,6 +104,10 @@ def run(args) -> int:
     if args.shard.count > 1 and args.stage == "score":
         raise SystemExit("--stage score runs once over the whole run folder: one process, without --shard or torchrun")
     out = Path(args.out)
+    if args.benchmark == "skills":
+        if args.shard.count > 1:
+            raise SystemExit("bagel-ft eval skills runs in one process: without --shard or torchrun")
+        return _skills(args, out)
     if args.stage == "score":  # score what was generated: its n / subset / limit unless given again
         old = read_config(out)
         if not old:
@@ -185,6 +192,37 @@ def _shapes(args, out: Path, generator, n: int, subset, judge, score: bool) -> N
 
 def _progress(args) -> bool:
     return not args.quiet and args.shard.is_first  # one progress bar, not one per rank
+
+
+def _skills(args, out: Path) -> int:
+    from eval.run_dir import RunDirError
+    from eval.skills import SKILLS, SkillsConfig, run
+
+    if not args.ckpt:
+        raise SystemExit("bagel-ft eval skills: --ckpt is required")
+    skills = [s.strip() for s in args.subset.split(",")] if args.subset else list(SKILLS)
+    unknown = sorted(set(skills) - set(SKILLS))
+    if unknown:
+        raise SystemExit(f"bagel-ft eval skills: --subset {','.join(unknown)}: expected some of {','.join(SKILLS)}")
+    config = SkillsConfig(skills=skills, seed=args.seed or 0)
+    if args.inference_config:  # options.flow of an inference YAML sets how every skill draws
+        flow = (yaml.safe_load(Path(args.inference_config).read_text()) or {}).get("options", {}).get("flow", {})
+        fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
+        unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
+        if unknown:
+            raise SystemExit(f"{args.inference_config}: options.flow: {unknown} unknown to eval skills; expected {fields}")
+        for key in fields:
+            if key in flow:
+                setattr(config, key, tuple(flow[key]) if key == "cfg_interval" else flow[key])
+    if args.limit is not None:
+        if args.limit < 1:
+            raise SystemExit(f"bagel-ft eval skills: --limit must be >= 1, got {args.limit}")
+        config.limit = args.limit
+    try:
+        run(args.ckpt, out, config)
+    except RunDirError as e:
+        raise SystemExit(str(e)) from e
+    return 0
 
 
 def _judge_config(args):

@@ -48,6 +48,7 @@ class Generation:
     trajectory: Trajectory | None = None  # the PSIR stream that produced it, when the generator has one
     cost: dict[str, float] = field(default_factory=dict)  # keys of COST_KEYS
     no_image: bool = False  # the generator returned no image; `image` is a black stand-in
+    failure: dict[str, Any] | None = None  # the format failure that ended a PSIR stream (inference.psir's)
 
 
 @runtime_checkable
@@ -84,6 +85,8 @@ def _finish(gen: Any, wall_s: float) -> Generation:
     if not isinstance(gen, Generation):
         gen = Generation(gen.image, getattr(gen, "trajectory", None), _cost_dict(getattr(gen, "cost", None)))
     gen.cost.setdefault("wall_s", wall_s)
+    if gen.failure is None and gen.trajectory is not None:
+        gen.failure = gen.trajectory.meta.get("failure")
     if gen.trajectory is not None and not gen.trajectory.turns:
         gen.trajectory = None  # nothing to show (and format v1 has no empty records)
     if gen.image is None:
@@ -170,7 +173,8 @@ class InferenceGenerator:
     @staticmethod
     def _generation(result: Any) -> Generation:
         traj = result.trajectory if result.trajectory is not None and result.trajectory.turns else None
-        return Generation(image=result.image, trajectory=traj, cost=_cost_dict(result.cost))
+        failure = result.trajectory.meta.get("failure") if result.trajectory is not None else None
+        return Generation(image=result.image, trajectory=traj, cost=_cost_dict(result.cost), failure=failure)
 
 
 def dataclass_from_dict(cls: type, data: dict[str, Any]) -> Any:

@@ -30,7 +30,8 @@ from eval.run_dir import (
     run_label,
     write_text_atomic,
 )
-from inference.html import CARD_STYLE, data_url, trajectory_cards
+from inference.html import CARD_STYLE, data_url, format_failure_card, trajectory_cards
+from inference.psir import describe_failure
 
 BENCHMARK_TITLES = {"geneval": "GenEval", "wise": "WISE", "shapes": "ShapesEval"}
 PERCENT_BENCHMARKS = ("geneval", "shapes")  # accuracies; WISE reports WiScore in [0, 1]
@@ -197,7 +198,7 @@ def trajectory_strip(run: Run, rec: dict[str, Any]) -> str:
     verdict = {True: "judged correct", False: "judged wrong", None: "not judged"}[rec.get("correct")]
     return (
         f"<p><b>{html.escape(rec['prompt'])}</b> <small>({html.escape(rec['key'])}, {verdict})</small></p>"
-        + trajectory_cards(traj, lambda i: thumbnail(traj.images[i]))
+        + trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), format_failure_card(traj.meta.get("failure")))
     )
 
 
@@ -205,6 +206,8 @@ def failure_card(run: Run, rec: dict[str, Any]) -> str:
     path = run.path / rec["image"]
     img = f"<img src='{thumbnail(Image.open(path))}'>" if path.exists() else "<i>image missing</i>"
     reasons = html.escape("\n".join(rec.get("reasons") or []))
+    if rec.get("failure"):  # the PSIR stream broke the format: say how, in words
+        reasons += f"\n{html.escape(describe_failure(rec['failure']))}"
     return (
         f"<div class='fail'>{img}<div><b>{html.escape(rec['prompt'])}</b> <small>[{html.escape(rec['category'])}"
         f" {html.escape(rec['key'])}]</small></div><div class='reason'>{reasons}</div></div>"

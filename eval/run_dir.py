@@ -173,14 +173,15 @@ def load_trajectory(path: str | Path) -> Trajectory:
 
 def save_sample(out: Path, stem: str, generation: Any, seed: int, ids: dict[str, Any]) -> None:
     """One generated sample in the images/ gen/ trajectories/ layout (ShapesEval, WISE): its trajectory folder
-    (when there is one), gen/<stem>.json (`ids`, seed, cost, trajectory path, no_image), then
-    images/<stem>.png, written last: the PNG marks the sample as done."""
+    (when there is one), gen/<stem>.json (`ids`, seed, cost, trajectory path, no_image, the format failure that
+    ended a PSIR stream), then images/<stem>.png, written last: the PNG marks the sample as done."""
     traj = None
     if generation.trajectory is not None:
         traj = f"trajectories/{stem}.traj"
         save_trajectory(out / traj, generation.trajectory)
     write_json_atomic(out / "gen" / f"{stem}.json", {**ids, "seed": seed, "cost": generation.cost, "trajectory": traj,
-                                                     "no_image": generation.no_image})
+                                                     "no_image": generation.no_image,
+                                                     "failure": generation.failure})
     save_png_atomic(out / "images" / f"{stem}.png", generation.image)
 
 

@@ -7,7 +7,7 @@ shapes, plus harder multi-object / relation categories. Each sample is judged by
 shows exactly the prompt's scene graph.
 
   <out>/images/{index:05d}_{sample:02d}.png   N samples per prompt (4 by default, like GenEval)
-  <out>/gen/{key}.json                        ours: seed + cost (+ trajectory path) of the image
+  <out>/gen/{key}.json                        ours: seed + cost (+ trajectory path, format failure) of the image
   <out>/trajectories/{key}.traj/              the PSIR trajectory, when the generator returns one
   <out>/records.jsonl, summary.json           per-image verdicts; per-category accuracy and sub-accuracies
 
@@ -54,9 +54,14 @@ def load_prompts() -> list[dict[str, Any]]:
     """The fixed published prompt set as [{"index", "prompt", "category", "graph", "include", "exclude"}]."""
     from scene_graphs import shapes
 
+    return as_eval_prompts(shapes.shapes_eval_prompts())
+
+
+def as_eval_prompts(prompts) -> list[dict[str, Any]]:
+    """`ShapesPrompt`s (e.g. a validation set of generated prompts) as prompt dicts, indexed in order."""
     return [
         {"index": i, "prompt": p.text, "category": p.tag, "graph": p.graph, "include": p.include, "exclude": p.exclude}
-        for i, p in enumerate(shapes.shapes_eval_prompts())
+        for i, p in enumerate(prompts)
     ]
 
 
@@ -163,6 +168,7 @@ def score_shapes(out: str | Path, prompts: list[dict], *, n: int = 4, progress: 
                     cost=gen.get("cost"),
                     checks=sub_checks(verdict, p["graph"]),
                     detections=[_phrase(d) for d in verdict.detections],
+                    failure=gen.get("failure"),
                     **extra,
                 )
             )

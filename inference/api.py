@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from inference.engine import Engine
 from inference.html import render_html
 from inference.psir import EDIT_FLOW, Cost, run_edit, run_psir, run_single
 from inference.scaling import search
-from inference.settings import MODES, FlowSettings, GenerateOptions, ImageGeometry
+from inference.settings import MODES, FlowSettings, GenerateOptions, ImageGeometry, resolve_device
 from inference.verifiers import Verifier, build_verifier
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,12 +80,9 @@ class Generator:
     def from_pretrained(cls, ckpt: str | Path, options: GenerateOptions | None = None, dtype: str = "auto",
                         device: str = "auto", tokenizer: str = "auto", geometry: ImageGeometry | dict | None = None,
                         verifier: Verifier | None = None, attn_backend: str = "sdpa") -> Generator:
-        """dtype auto = bf16 on GPU, fp32 on CPU; device auto = cuda if available (under torchrun: the
-        rank's own GPU, cuda:$LOCAL_RANK)."""
-        if device == "auto":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            dtype = "bf16" if device.startswith("cuda") else "fp32"
+        """dtype auto = bf16 on GPU, fp32 on CPU; device auto = cuda if available (under torchrun: the rank's
+        own GPU, cuda:$LOCAL_RANK)."""
+        device, dtype = resolve_device(device, dtype)
         engine = Engine.from_pretrained(ckpt, DTYPES[dtype], device, tokenizer, geometry, attn_backend)
         return cls(engine, options, verifier)
 

@@ -1,5 +1,6 @@
 """A trajectory as one self-contained HTML page: the prompt, then a strip of cards in stream order —
-plan / inspect / refine text and each draft image — plus budgets, costs and any recorded failure.
+plan / inspect / refine text and each draft image — plus budgets, costs and any recorded format failure, as a
+sentence (`inference.psir.describe_failure`). Strips wrap: every draft is visible without sideways scrolling.
 
 Images are inlined as base64 PNG by default (the file opens anywhere); pass `image_paths` (relative to
 the HTML file) to reference the saved PNGs instead.
@@ -15,22 +16,24 @@ from collections.abc import Callable
 from PIL import Image
 
 from bagel_ft.trajectory import Trajectory, image_to_png
+from inference.psir import describe_failure
 
 CARD_STYLE = """
-.strip { display: flex; gap: 10px; overflow-x: auto; align-items: flex-start; padding-bottom: 1em; }
+.strip { display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; padding-bottom: 1em; }
 .card { flex: 0 0 auto; border: 1px solid #ccc; border-radius: 6px; padding: 8px; max-width: 260px; background: #fff; }
 .card .role { font-size: 0.75em; text-transform: uppercase; color: #666; margin-bottom: 4px; }
 .card pre { white-space: pre-wrap; word-break: break-word; font-size: 0.85em; margin: 0; }
 .card img { max-width: 240px; image-rendering: pixelated; display: block; }
 .card.plan { background: #e8f0fe; } .card.inspect { background: #fef7e0; } .card.refine { background: #fce8e6; }
-.card.caption { background: #eeeeee; }
+.card.caption { background: #eeeeee; } .card.failure { background: #fdecea; border-color: #e8a09a; }
+.card.failure p { margin: 0; font-size: 0.85em; }
 """
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.2em; } .prompt { font-size: 1.1em; margin-bottom: 1em; }
 .card img { width: 240px; }
-.failure { color: #b00020; font-weight: bold; } .meta { font-size: 0.8em; color: #444; }
+.meta { font-size: 0.8em; color: #444; }
 """ + CARD_STYLE
 
 
@@ -59,6 +62,15 @@ def trajectory_cards(traj: Trajectory | None, image_src: Callable[[int], str], e
     return f'<div class="strip">{"".join(cards)}{extra_cards}</div>'
 
 
+def format_failure_card(failure: dict | None) -> str:
+    """The card that ends a strip whose stream broke the format: the failure as a sentence (`describe_failure`);
+    "" without a failure."""
+    if not failure:
+        return ""
+    return (f'<div class="card failure"><div class="role">format failure</div>'
+            f"<p>{html.escape(describe_failure(failure))}</p></div>")  # fmt: skip
+
+
 def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: str = "") -> str:
     """The page as a string (see the module docstring)."""
 
@@ -72,10 +84,8 @@ def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: s
         f"<title>{html.escape(title or traj.prompt[:60])}</title><style>{STYLE}</style></head><body>",
         f"<h1>{html.escape(title or 'PSIR trajectory')} <span class='meta'>{traj.id}</span></h1>",
         f"<div class='prompt'><b>Prompt:</b> {html.escape(traj.prompt)}</div>",
-        trajectory_cards(traj, image_src),
+        trajectory_cards(traj, image_src, format_failure_card(failure)),
     ]
-    if failure:
-        parts.append(f"<p class='failure'>Stopped on a format failure: {html.escape(json.dumps(failure))}</p>")
     parts.append(f"<details><summary>meta</summary><pre class='meta'>{html.escape(json.dumps(meta, indent=1, default=str))}</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -22,6 +22,7 @@ Every step is a program (`inference.batching.batchable`): `run_psir(engine, ...)
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -133,6 +134,37 @@ def classify(text: str) -> tuple[str | None, str]:
     if TAGS["ins"][0] in text or TAGS["des"][0] in text:
         return "plan", ""
     return None, "no PSIR tags (<ins>/<des>, <inspect>, <refine>) in the text turn"
+
+
+UNBALANCED = re.compile(r"unbalanced <(\w+)> tags")  # check_tags' reason
+QUOTE_CHARS = 120  # of the failing turn's text, in a failure sentence
+
+
+def describe_failure(failure: dict[str, Any]) -> str:
+    """A format failure (`Stream.failure`: step, reason, text, as `text_turn` records them) as a sentence for a
+    reader, e.g. "The stream stopped at text turn 3: the turn opened <ins> once but closed it 0 times. It wrote:
+    '<ins>draw a red'"."""
+    reason, text = str(failure.get("reason", "")), str(failure.get("text", ""))
+    tag = UNBALANCED.search(reason)
+    if tag:
+        open_, close = TAGS.get(tag[1], (f"<{tag[1]}>", f"</{tag[1]}>"))
+        why = f"the turn opened {open_} {_times(text.count(open_))} but closed it {_times(text.count(close))}"
+        if len(text) >= 500 or text.count(open_) == text.count(close):  # the recorded text is cut: counts unknown
+            why = f"the turn had an unbalanced {open_} tag"
+    elif reason.startswith("unterminated"):
+        why = "the turn never ended" + (f" ({reason.split(': ', 1)[1]})" if ": " in reason else "")
+    elif reason.startswith("no PSIR tags"):
+        why = "the turn had none of the PSIR tags (<ins>/<des> of a plan, <inspect>, <refine>)"
+    else:
+        why = reason or "no reason recorded"
+    where = f" at text turn {failure['step'] + 1}" if isinstance(failure.get("step"), int) else ""
+    flat = " ".join(text.split())
+    quote = f"'{flat[:QUOTE_CHARS]}{'…' if len(flat) > QUOTE_CHARS else ''}'" if flat else "nothing"
+    return f"The stream stopped{where}: {why}. It wrote: {quote}."
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
 
 
 def decide(engine: Engine, logits: torch.Tensor, decision: str) -> str:

@@ -17,6 +17,22 @@ RENORM_TYPES = ("global", "channel", "text_channel")  # bagel_ft.flow.cfg_combin
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
+def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
+    """("auto" or a torch device, "auto" or one of DTYPE_NAMES) -> both named: device auto = cuda if available
+    (under torchrun: the rank's own GPU, cuda:$LOCAL_RANK), else cpu; dtype auto = bf16 on a GPU, fp32 on CPU."""
+    if device == "auto":
+        import os
+
+        import torch  # only here: this module stays torch-free to import
+
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bf16" if device.startswith("cuda") else "fp32"
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: expected auto or one of {DTYPE_NAMES}, got {dtype!r}")
+    return device, dtype
+
+
 @dataclass
 class TextSettings:
     """How a text turn is decoded."""

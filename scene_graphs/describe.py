@@ -166,3 +166,42 @@ def _remove(before: SceneGraph, after: SceneGraph) -> str:
             plural = noun_phrase(obj, definite=True)
             parts.append(f"one of {plural}" if gone == 1 else f"{number_word(gone)} of {plural}")
     return f"remove {join(parts)}" if parts else "keep the picture as it is"
+
+
+# ---- why a rewrite step is there (for readers of a trajectory) --------------------------------------------------
+LESSON = "the model learns to correct a picture, not only to add to it"
+
+
+def explain_rewrite(steps: list[tuple[str, SceneGraph]], k: int) -> str:
+    """Why step `k` (0-based) of a trajectory plan, a modify / swap / remove rewrite, is there, from the plan's
+    (op, scene after the step) pairs (scene_graphs.subsample's faults: a wrong attribute, a reversed relation or
+    a distractor drawn by an earlier step so that step k can teach undoing it). Steps are numbered from 1."""
+    op, after = steps[k]
+    before = steps[k - 1][1] if k > 0 else SceneGraph()
+
+    def first(holds) -> str:
+        j = next((i for i in range(k) if holds(steps[i][1])), None)
+        return f"Step {j + 1}" if j is not None else "An earlier step"
+
+    if op == "remove":
+        gone = [o for o in before.objects if o.id not in after]
+        if gone:
+            obj = gone[0]
+            return (f"{first(lambda g: obj.id in g)} draws a distractor the prompt does not ask for "
+                    f"({noun_phrase(obj)}) so that step {k + 1} can teach removing it: {LESSON}.")  # fmt: skip
+    if op == "modify":
+        for obj in after.objects:
+            wrong = before.object(obj.id) if obj.id in before else obj
+            if wrong.attributes != obj.attributes or wrong.name != obj.name:
+                drew = first(lambda g, w=wrong: w.id in g and g.object(w.id).signature() == w.signature())
+                return (f"{drew} draws {noun_phrase(wrong)} where the prompt asks for {noun_phrase(obj)} so that "
+                        f"step {k + 1} can teach correcting it: {LESSON}.")  # fmt: skip
+    if op == "swap":
+        for r in after.relations:
+            if r not in set(before.relations):
+                rev = Relation(r.object, r.predicate, r.subject)
+                drew = first(lambda g, rev=rev: rev in set(g.relations))
+                a, b = (noun_phrase(before.object(i), definite=True) for i in (rev.subject, rev.object))
+                return (f"{drew} draws {a} {predicate_phrase(r.predicate)} {b}, the reverse of what the prompt asks, "
+                        f"so that step {k + 1} can teach swapping them back: {LESSON}.")  # fmt: skip
+    raise ValueError(f"explain_rewrite: step {k + 1} ({op!r}) undoes nothing an earlier step drew")

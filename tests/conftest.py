@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from bagel_ft.attention import ATTN_MODES
 from bagel_ft.batch import PackedBatch
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
@@ -34,40 +33,9 @@ def ref_outputs(tiny_dir) -> dict:
     return load_file(str(tiny_dir / "outputs.safetensors"))
 
 
-def batch_from_reference(d: dict) -> PackedBatch:
-    """The reference's packed inputs (official field names) as a PackedBatch; attn_modes_code 0/1/2 =
-    causal/full/noise. The reference's `nested_attention_mask_*` are not an input: we build masks ourselves."""
-    batch = PackedBatch(
-        sequence_length=int(d["sample_lens"].sum()),
-        sample_lens=d["sample_lens"].tolist(),
-        packed_position_ids=d["packed_position_ids"],
-        split_lens=d["split_lens"].tolist(),
-        attn_modes=[ATTN_MODES[c] for c in d["attn_modes_code"].tolist()],
-        packed_text_ids=d["packed_text_ids"],
-        packed_text_indexes=d["packed_text_indexes"],
-        packed_label_ids=d["packed_label_ids"],
-        ce_loss_indexes=d["ce_loss_indexes"],
-        ce_loss_weights=d["ce_loss_weights"],
-        packed_vit_tokens=d["packed_vit_tokens"],
-        packed_vit_position_ids=d["packed_vit_position_ids"],
-        packed_vit_token_indexes=d["packed_vit_token_indexes"],
-        vit_token_seqlens=d["vit_token_seqlens"],
-        padded_images=d["padded_images"],
-        padded_latent=d["padded_latent"],
-        patchified_vae_latent_shapes=[tuple(hw) for hw in d["patchified_vae_latent_shapes"].tolist()],
-        packed_latent_position_ids=d["packed_latent_position_ids"],
-        packed_vae_token_indexes=d["packed_vae_token_indexes"],
-        packed_timesteps=d["packed_timesteps"],
-        mse_loss_indexes=d["mse_loss_indexes"],
-        noise=d["noise"],
-    )
-    batch.validate()
-    return batch
-
-
 @pytest.fixture
 def ref_batch(ref_inputs) -> PackedBatch:
-    return batch_from_reference(ref_inputs)
+    return PackedBatch.from_reference(ref_inputs)
 
 
 @pytest.fixture(scope="session")

@@ -99,8 +99,9 @@ def test_base_data_records_are_valid(tmp_path):
         rec.validate()
         assert Trajectory.from_row(rec.to_row()).id == rec.id
     assert [t.role for t in t2i.turns] == ["image"] and t2i.turns[0].loss
-    assert [t.role for t in cap.turns] == ["image", "caption"] and not cap.turns[0].loss and cap.prompt == ""
-    caption_graph = parse_prompt(cap.turns[1].text)  # the caption is a shapes prompt naming every color
+    assert [t.role for t in cap.turns] == ["image", "text", "caption"] and cap.prompt == ""
+    assert [t.loss for t in cap.turns] == [False, False, True]  # the picture and the question are given
+    caption_graph = parse_prompt(cap.turns[2].text)  # the caption is a shapes prompt naming every color
     assert all("color" in o.attributes for o in caption_graph.objects)
     assert cap.images[0].size == (48, 48)
     # text -> text: the prompt's own scene described, no image; a caption record with the prompt kept
@@ -115,12 +116,12 @@ def test_base_data_writes_one_folder_per_task(tmp_path):
     from demo.base_model import train_overrides
     from training.data import RecordTable
 
-    write_base_data(tmp_path / "data", t2i=5, caption=3, canvas=32, text=4, per_file=2)
+    write_base_data(tmp_path / "data", {"t2i": 5, "caption": 3, "text": 4}, canvas=32, per_file=2)
     sizes = {task: len(RecordTable(tmp_path / "data" / task)) for task in ("t2i", "caption", "text")}
     assert sizes == {"t2i": 5, "caption": 3, "text": 4}
     sources = json.loads(train_overrides(tmp_path, None)[2].split("=", 1)[1])
     assert [(Path(s["path"]).name, s["weight"]) for s in sources] == [("t2i", 0.7), ("caption", 0.15), ("text", 0.15)]
-    write_base_data(tmp_path / "notext" / "data", t2i=2, caption=1, canvas=32)  # --text 0: no folder, no source
+    write_base_data(tmp_path / "notext" / "data", {"t2i": 2, "caption": 1, "text": 0}, canvas=32)  # no folder, no source
     sources = json.loads(train_overrides(tmp_path / "notext", None)[2].split("=", 1)[1])
     assert [Path(s["path"]).name for s in sources] == ["t2i", "caption"]
 
@@ -132,7 +133,7 @@ def test_base_tokenizer_reads_shapes_words_whole_and_fits_the_model(tmp_path):
     from demo.base_data import write_base_data
     from demo.base_model import MODEL_CONFIG, build_init_checkpoint, build_tokenizer
 
-    write_base_data(tmp_path / "data", t2i=60, caption=20, canvas=32, text=20)
+    write_base_data(tmp_path / "data", {"t2i": 60, "caption": 20, "text": 20}, canvas=32)
     cfg = BagelConfig.from_dir(MODEL_CONFIG)
     tok = build_tokenizer(tmp_path / "data", cfg.llm.vocab_size)
     assert tok.vocab_size <= cfg.llm.vocab_size

@@ -68,14 +68,14 @@ def test_saving_replaces_atomically_and_keeps_other_files(tiny_dir, tmp_path, mo
     with torch.no_grad():
         model.llm2vae.bias.add_(1.0)
 
-    real_write = ckpt._write_safetensors
+    real_write = ckpt._write_state
 
-    def crash_on_ae(state, file):
-        if file.name == "ae.safetensors":
+    def crash_on_ae(state, directory, stem, *args):
+        if stem == "ae":
             raise OSError("disk full")
-        real_write(state, file)
+        real_write(state, directory, stem, *args)
 
-    monkeypatch.setattr(ckpt, "_write_safetensors", crash_on_ae)
+    monkeypatch.setattr(ckpt, "_write_state", crash_on_ae)
     with pytest.raises(OSError, match="disk full"):
         model.save_pretrained(out)
     assert (out / "ema.safetensors").read_bytes() == before  # the old checkpoint is untouched

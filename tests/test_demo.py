@@ -115,6 +115,36 @@ def test_report_holds_strips_scores_and_loss_plot(finished):
     assert "| category |" in (out / "report.md").read_text()
 
 
+def test_report_reads_as_a_person_would(finished):
+    """The micro demo's real page: the paragraph's numbers are summary.json's, the base beside the fine-tuned
+    images, wrapped strips, the psir phase's format failures as sentences (random weights break the format)."""
+    import html
+    import re
+
+    from demo.report import rewrite_record
+    from inference.psir import describe_failure
+
+    out, _ = finished
+    layout = Layout(out)
+    page = layout.report.read_text()
+    text = html.unescape(" ".join(re.findall(r"<p class='reading'>(.*?)</p>", page)))
+    summary = json.loads((layout.eval("base-single") / "summary.json").read_text())
+    n = summary["total_images"]
+    assert f"the base model got {round(summary['correct_images'] * n)} of {n} images right ({100 * summary['overall']:.1f}%" in text
+    assert "exact McNemar test" in text and "Wilson" in text
+    table = re.search(r"<table class='cmp'>(.*?)</table>", page, re.S)[1]
+    assert table.count("<img class='cmp'") == 3 * n  # base, fine-tuned single, fine-tuned PSIR per prompt
+    assert re.search(r"\.strip \{[^}]*flex-wrap: wrap", page) and "overflow-x" not in page
+    psir = [json.loads(line) for line in (layout.psir / "records.jsonl").read_text().splitlines()]
+    assert any(r["failure"] for r in psir)  # 12-token text turns of random weights never close their tags
+    for r in psir:
+        if r["failure"]:
+            assert html.escape(describe_failure(r["failure"])) in page
+    assert "&quot;reason&quot;" not in page
+    if rewrite_record(layout) is not None:  # 4 prompts may hold no rewrite; tests/test_demo_report.py forces one
+        assert "<p class='why'>Step " in page
+
+
 def test_other_settings_in_the_same_folder_are_refused(finished, base):
     out, _ = finished
     other = dataclasses.replace(micro(out, base), prompts=7)

@@ -3,6 +3,7 @@
 import json
 import re
 
+import pytest
 from PIL import Image
 
 from bagel_ft.cli import main as cli_main
@@ -142,3 +143,18 @@ def test_report_shapes_sections(tmp_path):
     assert "### Sub-accuracies (n = checks)" in md and "### GenEval's decision rule" in md
     page = (tmp_path / "report" / "report.html").read_text()
     assert "Failures (10 of 10 images" in page  # every noise image rejected, with the judge's reasons
+
+
+def test_wilson_interval_and_exact_mcnemar_test():
+    from eval.intervals import mcnemar, wilson
+
+    lo, hi = wilson(3, 30)  # textbook values (Newcombe 1998, method 3)
+    assert abs(lo - 0.0346) < 1e-4 and abs(hi - 0.2562) < 1e-4
+    assert wilson(0, 30)[0] == 0.0 and 0.11 < wilson(0, 30)[1] < 0.12  # never the collapsed [0, 0] of p ± 1.96 se
+    assert wilson(30, 30)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    assert mcnemar(4, 0) == mcnemar(0, 4) == 0.125  # 4 discordant pairs, all one way: not significant
+    assert mcnemar(6, 0) == 2 / 64 and mcnemar(0, 0) == 1.0
+    assert abs(mcnemar(10, 3) - 2 * 378 / 8192) < 1e-12
+    for bad in ((4, 3), (-1, 3)):
+        with pytest.raises(ValueError, match="wilson"):
+            wilson(*bad)

@@ -7,17 +7,18 @@ on any model: it ends, within budget, with the failure recorded."""
 
 from __future__ import annotations
 
+import html
 import json
 
 import pytest
 import torch
 
 from bagel_ft.tokenizer import ByteTokenizer
-from bagel_ft.trajectory import Turn, inspect_text, plan_text, refine_text
+from bagel_ft.trajectory import FORMAT_VERSION, Turn, inspect_text, plan_text, refine_text
 from inference.api import GenerateOptions, Generator
 from inference.engine import Engine
 from inference.html import render_html
-from inference.psir import DRAW, STOP, TEXT, ForcedTurn, classify, decide, run_psir
+from inference.psir import DRAW, STOP, TEXT, ForcedTurn, classify, decide, describe_failure, run_psir
 from inference.settings import Budget, FlowSettings, PSIRSettings, TextSettings
 
 FLOW = FlowSettings(height=16, width=16, num_timesteps=3, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
@@ -73,7 +74,7 @@ def test_forced_multi_step_trajectory_is_well_formed(engine, tmp_path):
 
     folder = Result("a big red circle", stream.last_image, traj, stream.cost).save(tmp_path)
     row = json.loads((folder / "trajectory.json").read_text())
-    assert row["image_paths"] == ["00.png", "01.png"] and row["format_version"] == 1
+    assert row["image_paths"] == ["00.png", "01.png"] and row["format_version"] == FORMAT_VERSION
     assert [s["role"] for s in row["meta"] and json.loads(row["meta"])["steps"]] == ["plan", "inspect", "refine", "inspect"]
     assert all((folder / p).is_file() for p in row["image_paths"]) and (folder / "final.png").is_file()
     page = (folder / "index.html").read_text()
@@ -103,6 +104,27 @@ def test_constrained_prefix_is_completed_by_the_model(engine):
     step = stream.steps[0]
     assert step["text"].startswith("<ins>") and step["forced"]
     assert stream.stop_reason == "format_failure" and "unterminated" in stream.failure["reason"]
+
+
+def test_format_failures_read_as_sentences(engine):
+    """The reasons `text_turn` records, as the sentences reports and the trajectory page show."""
+    _, unbalanced = classify("<ins>draw a red circle")
+    assert describe_failure({"step": 2, "reason": unbalanced, "text": "<ins>draw a red circle"}) == (
+        "The stream stopped at text turn 3: the turn opened <ins> once but closed it 0 times. "
+        "It wrote: '<ins>draw a red circle'."
+    )
+    _, untagged = classify("a red circle")
+    assert describe_failure({"step": 0, "reason": untagged, "text": "a red\ncircle"}) == (
+        "The stream stopped at text turn 1: the turn had none of the PSIR tags (<ins>/<des> of a plan, <inspect>, "
+        "<refine>). It wrote: 'a red circle'."
+    )
+    stream = run_psir(engine, "a red circle", settings(max_tokens=30), seed=0, script=[ForcedTurn(prefix="<ins>")])
+    sentence = describe_failure(stream.failure)
+    assert sentence.startswith("The stream stopped at text turn 1: the turn never ended (no <|im_end|> within ")
+    assert "It wrote: '<ins>" in sentence
+    page = render_html(stream.to_trajectory())
+    assert html.escape(sentence) in page and 'class="card failure"' in page
+    assert "&quot;reason&quot;" not in page.split("<details>")[0]  # no JSON dump of the failure
 
 
 @pytest.mark.parametrize("budget,reason", [({"max_images": 1}, "max_images"), ({"max_steps": 2}, "max_steps")])

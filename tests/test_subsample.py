@@ -1,10 +1,14 @@
 """Property tests of trajectory subsampling (hypothesis): dependencies first, ends at the prompt graph,
 bounded step count, deterministic."""
 
+import re
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scene_graphs import Relation, SceneGraph, SceneObject, describe, plan_steps
+from scene_graphs.describe import explain_rewrite
 from scene_graphs.subsample import DEFAULT_ATTRIBUTE_VALUES
 
 NAMES = ("circle", "square", "triangle", "dog", "teddy bear")
@@ -76,6 +80,13 @@ def test_plan_properties(graph, seed, min_steps, extra, edit_prob):
         prev = g
     if edit_prob == 0.0:
         assert all(s.op == "add" for s in steps)
+    pairs = [(s.op, s.graph) for s in steps]
+    for k, step in enumerate(steps):  # every rewrite is explained by the earlier step that drew the fault
+        if step.op != "add":
+            why = explain_rewrite(pairs, k)
+            teach = {"remove": "removing it", "swap": "swapping them back", "modify": "correcting it"}[step.op]
+            assert f"so that step {k + 1} can teach {teach}" in why
+            assert int(re.match(r"Step (\d+) draws ", why)[1]) <= k
 
 
 @settings(max_examples=30, deadline=None)
@@ -99,3 +110,32 @@ def test_every_rewrite_kind_occurs_and_is_undone():
         ops |= {s.op for s in steps}
         assert steps[-1].graph == g
     assert ops == {"add", "modify", "swap", "remove"}
+
+
+def test_rewrite_explanations_name_the_fault_and_the_step_that_drew_it():
+    circle, square = SceneObject("o0", "circle", 1, {"color": "red"}), SceneObject("o1", "square", 1, {})
+    blue_circle = SceneObject("o0", "circle", 1, {"color": "blue"})
+    triangle = SceneObject("distractor0", "triangle", 1, {"color": "yellow"})
+    right, reversed_ = Relation("o0", "left of", "o1"), Relation("o1", "left of", "o0")
+    plan = [
+        ("add", SceneGraph([square, triangle])),
+        ("add", SceneGraph([blue_circle, square, triangle], [reversed_])),
+        ("remove", SceneGraph([blue_circle, square], [reversed_])),
+        ("swap", SceneGraph([blue_circle, square], [right])),
+        ("modify", SceneGraph([circle, square], [right])),
+    ]
+    lesson = ": the model learns to correct a picture, not only to add to it."
+    assert explain_rewrite(plan, 2) == (
+        "Step 1 draws a distractor the prompt does not ask for (a yellow triangle) so that step 3 can teach "
+        "removing it" + lesson
+    )
+    assert explain_rewrite(plan, 3) == (
+        "Step 2 draws the square to the left of the blue circle, the reverse of what the prompt asks, so that "
+        "step 4 can teach swapping them back" + lesson
+    )
+    assert explain_rewrite(plan, 4) == (
+        "Step 2 draws a blue circle where the prompt asks for a red circle so that step 5 can teach correcting it"
+        + lesson
+    )
+    with pytest.raises(ValueError, match="step 2 \\('add'\\) undoes nothing"):
+        explain_rewrite(plan, 1)

@@ -91,7 +91,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_pa
 
     killed = tmp_path / "killed"
     proc = _run_cli(overrides(data, killed, *common))
-    deadline = time.time() + 120
+    deadline = time.time() + 600  # a guard against a hang, not a timing: loaded machines are slow
     while time.time() < deadline and 7 not in read_metrics(killed) and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[0]
@@ -99,7 +99,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_pa
     proc.wait()
     assert 7 in read_metrics(killed) and ckpt.latest_checkpoint(killed / "checkpoints").name == "step_00000006"
     resumed = _run_cli(overrides(data, killed, *common))
-    out, _ = resumed.communicate(timeout=180)
+    out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resumed from" in out and "step_00000006" in out
 

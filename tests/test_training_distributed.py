@@ -1,4 +1,6 @@
-"""Multi-process CPU training (gloo): at equal global batch, 2 processes x 1 pack match 1 process x 2 packs.
+"""Multi-process CPU training (gloo): at equal global batch, 2 processes x 1 pack match 1 process x 2 packs,
+also as 2 "nodes" x 1 process (two torchrun launchers on 127.0.0.1, static and c10d rendezvous) that load a
+pretrained checkpoint sharded (each rank reads only its FSDP shards) and export it at the end.
 
 DeepSpeed (ZeRO-2 / ZeRO-3; skipped without deepspeed) runs on packs that differ per rank (CFG dropout of ViT
 and clean VAE images, so one rank's pack may lack ViT tokens while the other's has them): training.uniform's
@@ -8,15 +10,22 @@ Slow (torchrun launches): `pytest -m slow tests/test_training_distributed.py`.
 """
 
 import importlib.util
+import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from bagel_ft.autoencoder import AutoEncoder
+from bagel_ft.config import BagelConfig
+from bagel_ft.modeling import Bagel
 from training import checkpoint as ckpt
 from training.config import load_config
+from training.export import MANIFEST
 from training.metrics import read_metrics
 from training.parallelize import DistEnv
 from training.synthetic import write_table
@@ -87,6 +96,51 @@ def torchrun(data, run_dir, *extra):
     return read_metrics(run_dir)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_two_nodes(data, run_dir, rendezvous: str, *extra):
+    """2 "nodes" x 1 process: one torchrun launcher per node, as on a cluster, both on 127.0.0.1."""
+    port = free_port()
+    if rendezvous == "static":  # node ranks given, rank 0's host is the master
+        launch = [["--node-rank", str(n), "--master-addr", "127.0.0.1", "--master-port", str(port)] for n in (0, 1)]
+    else:  # c10d: the nodes find each other through the rendezvous endpoint; ranks are assigned
+        launch = [["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "test"]] * 2
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", *node]
+            + ["-m", "training.cli", str(TINY), *common(data, run_dir), *extra],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in launch
+    ]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, out in zip(procs, outs, strict=True):
+        assert p.returncode == 0, out[-5000:]
+    return read_metrics(run_dir)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The `single` run's initial weights (model.init=random, run.seed 0) saved as a checkpoint directory."""
+    path = tmp_path_factory.mktemp("pretrained") / "tiny"
+    torch.manual_seed(0)
+    cfg = BagelConfig.preset("tiny")
+    Bagel(cfg).attach_vae(AutoEncoder(cfg.vae)).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BagelByteTokenizer"}))
+    return path
+
+
 def assert_match(single, multi, rel=1e-4, steps=range(1, STEPS + 1)):
     assert sorted(single) == sorted(multi) == list(steps)
     for step in single:
@@ -108,6 +162,32 @@ def test_fsdp_two_processes_match_single_process(data, single, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_two_nodes_load_sharded_and_match_single_process(data, single, pretrained, rendezvous, tmp_path):
+    """The same config on 1 or 2 nodes: train.global_batch=2 is 2 packs per step either way (grad_accum 2 on one
+    process, 1 per rank on two), so the losses match the single process's. Each rank loads only its FSDP shards
+    of the pretrained checkpoint (= the single run's random init), and rank 0 exports the EMA at the end."""
+    pretrained_run = ["model.init=pretrained", f"model.path={pretrained}", "model.tokenizer=", "train.global_batch=2"]
+    multi = torchrun_two_nodes(
+        data, tmp_path, rendezvous, "train.sharding=fsdp", "train.export_ema=true", *pretrained_run
+    )
+    print({s: (round(single[s]["loss"], 6), round(multi[s]["loss"], 6)) for s in single})
+    assert_match(single, multi)
+    export = tmp_path / "export"
+    model = Bagel.from_pretrained(export)
+    manifest = json.loads((export / MANIFEST).read_text())
+    assert manifest["steps"] == STEPS and manifest["world_size"] == 2
+    last = ckpt.latest_checkpoint(tmp_path / "checkpoints")
+    assert sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    import torch.distributed.checkpoint as dcp
+
+    keys = json.loads((last / "meta.json").read_text())["ema_keys"]
+    ema = {k: torch.empty_like(model.state_dict()[k]) for k in keys}
+    dcp.load({"ema": ema}, checkpoint_id=str(last), no_dist=True)  # assembled from both ranks' shards
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+
+
+@pytest.mark.slow
 def test_replicated_two_processes_match_single_process(data, single, tmp_path):
     assert_match(single, torchrun(data, tmp_path, "train.sharding=none"))
 
@@ -119,8 +199,10 @@ def test_mixed_packs_differ_between_ranks(data):
 
 @pytest.mark.slow
 @needs_deepspeed
-def test_deepspeed_zero2_two_processes_match_single_process(data, single_mixed, tmp_path):
-    assert_match(single_mixed, torchrun(data, tmp_path, "train.sharding=zero2", *MIXED))
+def test_deepspeed_zero2_two_processes_match_single_process(data, single_mixed, pretrained, tmp_path):
+    """From the pretrained directory (= single_mixed's random init): every rank loads it whole, DeepSpeed shards."""
+    from_dir = ["model.init=pretrained", f"model.path={pretrained}", "model.tokenizer="]
+    assert_match(single_mixed, torchrun(data, tmp_path, "train.sharding=zero2", *MIXED, *from_dir))
 
 
 @pytest.mark.slow

@@ -180,5 +180,32 @@ def test_recipe_dry_run_fits_8_gpus_and_refuses_one(capsys):
     est = estimate_for_config(cfg, BagelConfig.preset("bagel-7b-mot"), 8, "cuda")
     assert 14.6e9 < ParamCounts.of(cfg, BagelConfig.preset("bagel-7b-mot")).total < 14.7e9
     assert est.total / 2**30 < 0.9 * 80
+    assert "host RAM per rank" in table and "loading" in table and "export" in table
     assert dry_run(cfg, 1) == 1
     assert "does not fit" in capsys.readouterr().err
+
+
+def test_no_ema_counts_no_ema_bytes():
+    mcfg = BagelConfig.preset("tiny")
+    with_ema = estimate_for_config(load_config(TINY), mcfg, 1, "cpu")
+    without = estimate_for_config(load_config(TINY, ["optim.ema_decay=0"]), mcfg, 1, "cpu")
+    counts = ParamCounts.of(load_config(TINY), mcfg)
+    assert with_ema.ema == 4 * counts.trainable and without.ema == 0
+    assert with_ema.total - without.total == 4 * counts.trainable
+
+
+def test_host_ram_per_rank_of_the_7b_recipe():
+    """From the release (bf16), 8 ranks: each reads only its shards (one tensor's rows at a time), rank 0 exports one
+    tensor at a time; where a full state dict per rank, cast to fp32, would take 6 bytes x 14.6B parameters."""
+    from training.memory import host_estimate
+
+    cfg = load_config(RECIPE)  # FSDP, pretrained, cuda
+    mcfg = BagelConfig.preset("bagel-7b-mot")
+    embed = 152064 * 3584  # the largest tensor: embed_tokens / lm_head
+    host = host_estimate(cfg, mcfg, 8, "cuda", file_bytes=2, export_bytes=2)
+    assert host.loading == embed / 8 * 6 and host.export == embed * 6
+    assert host.loading / 2**30 < 0.5 and host.export / 2**30 < 3.1 and host.full_state_dict / 2**30 > 80
+    replicated = host_estimate(load_config(RECIPE, ["train.sharding=zero2"]), mcfg, 8, "cuda")
+    assert replicated.loading == embed * 6  # onto the GPU one tensor at a time
+    on_cpu = host_estimate(cfg, mcfg, 8, "cpu")
+    assert on_cpu.loading > host.loading + 4 * 14.6e9 / 8  # the shards themselves live in host RAM

@@ -1,4 +1,4 @@
-"""Training checkpoints: sharded, atomic, keep-last-N, auto-resume; and the export of EMA weights.
+"""Training checkpoints: sharded, atomic, keep-last-N, auto-resume (their export: training.export).
 
 Layout of `run.dir/checkpoints/step_00001000/`:
   .metadata, __*_*.distcp      torch.distributed.checkpoint: model, optimizer and EMA; every rank writes its own
@@ -26,11 +26,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from training.parallelize import DistEnv, barrier
+from training.parallelize import DistEnv, all_reduce_, barrier
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -117,6 +118,7 @@ def save_checkpoint(
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     barrier(env)
+    _check_shared(tmp, env)
     if engine is not None:  # DeepSpeed: its own sharded files (model + optimizer partitions per rank)
         engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
         torch.save(ema.state_dict() if ema is not None else {}, tmp / f"ema_rank{env.rank}.pt")
@@ -135,6 +137,20 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return final
+
+
+def _check_shared(path: Path, env: DistEnv) -> None:
+    """Every rank must see the directory rank 0 made: on several nodes, run.dir must be on a shared file system
+    (else each node would keep its own ranks' shards and no node a complete checkpoint)."""
+    if not env.distributed:
+        return
+    seen = torch.tensor([1.0 if path.is_dir() else 0.0], device=env.device)
+    all_reduce_(seen, env, op=dist.ReduceOp.MIN)
+    if seen.item() == 0:
+        raise RuntimeError(
+            f"{path}: created by rank 0 but not visible on every rank; with several nodes, run.dir must be on a "
+            "file system all nodes share (NFS, Lustre, ...)"
+        )
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer, ema, env: DistEnv, engine=None) -> dict[str, Any]:
@@ -158,18 +174,3 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer, ema, env: Dis
     extra = torch.load(path / f"extra_rank{env.rank}.pt", weights_only=False)
     set_rng_state(extra["rng"])
     return extra
-
-
-# ---- export --------------------------------------------------------------------------------------------------
-
-
-def load_model_and_ema(path: str | Path, skeleton: nn.Module) -> dict[str, torch.Tensor]:
-    """Fill `skeleton` (a plain, unsharded model with the training layout, e.g. LoRA applied) from a DCP
-    checkpoint in one process, and return the full EMA tensors."""
-    model_sd = skeleton.state_dict()
-    ema_keys = json.loads((Path(path) / "meta.json").read_text()).get("ema_keys", [])
-    ema = {k: torch.empty_like(model_sd[k], dtype=torch.float32) for k in ema_keys}
-    state = {"model": model_sd, "ema": ema}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
-    skeleton.load_state_dict(state["model"], strict=True)
-    return state["ema"]

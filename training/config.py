@@ -139,6 +139,11 @@ class LoRAConfig:
 class TrainConfig:
     steps: int = _f(10000, "optimizer steps")
     grad_accum: int = _f(1, "packs per rank per optimizer step (losses normalised over all of them)")
+    global_batch: int = _f(
+        0,
+        "packs per optimizer step over all processes; 0 = processes x grad_accum. Set, it fixes the run whatever "
+        "the node count: grad_accum = global_batch / processes (must divide); data order and losses then match",
+    )
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'", ("auto", "cpu", "cuda"))
     dtype: str = _f("auto", "compute dtype: 'auto' = bf16 on GPU, fp32 on CPU", ("auto", "bf16", "fp32"))
     sharding: str = _f(
@@ -158,7 +163,7 @@ class TrainConfig:
         ("auto", "sdpa", "flex", "flash"),
     )
     activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward (saves activations)")
-    log_every: int = _f(10, "console/TensorBoard/W&B log interval in steps (metrics.jsonl gets every step)")
+    log_every: int = _f(10, "console log interval in steps (metrics.jsonl, TensorBoard and W&B get every step)")
     save_every: int = _f(1000, "checkpoint interval in steps (and always at the last step)")
     keep_last: int = _f(3, "complete checkpoints kept (older ones deleted)")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite losses/grad norms in a row (each one is skipped)")
@@ -166,10 +171,25 @@ class TrainConfig:
     num_threads: int = _f(0, "torch CPU threads per process (0 = torch default); fixes CPU numerics across runs")
     gpu_memory_gb: float = _f(0.0, "per-GPU memory for the fit check (0 = detect; CPU runs skip the check)")
     peak_tflops: float = _f(0.0, "per-GPU peak dense bf16 TFLOP/s for MFU (0 = detect by device name)")
-    export_ema: bool = _f(True, "at the end, export EMA weights in the official layout to run.dir/export")
+    export_ema: bool = _f(True, "at the end, export EMA weights in the official layout to run.dir/export (export.*)")
     progress_bar: bool = _f(True, "tqdm progress bar on rank 0")
     tensorboard: bool = _f(False, "log to TensorBoard in run.dir/tb (needs the tensorboard package)")
     wandb_project: str = _f("", "log to this W&B project ('' = off; needs the wandb package)")
+
+
+@dataclass
+class ExportConfig:
+    dtype: str = _f(
+        "auto",
+        "dtype of the exported weights: 'auto' = the source checkpoint's (bf16 for the release; fp32 after "
+        "model.init=random)",
+        ("auto", "bf16", "fp16", "fp32"),
+    )
+    max_shard_gb: float = _f(
+        0.0,
+        "shard the exported weights into files of at most this many GB (1e9 bytes) with an index; 0 = one "
+        "ema.safetensors, the release's layout that the official app loads",
+    )
 
 
 @dataclass
@@ -181,6 +201,7 @@ class Config:
     freeze: FreezeConfig = _f(FreezeConfig(), "which modules are not trained")
     lora: LoRAConfig = _f(LoRAConfig(), "low-rank adapters")
     train: TrainConfig = _f(TrainConfig(), "loop, parallelism, checkpoints, logging")
+    export: ExportConfig = _f(ExportConfig(), "the exported model directory (train.export_ema, --export)")
 
 
 # ---- merging ----------------------------------------------------------------------------------------
@@ -279,6 +300,14 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1", cfg.train.grad_accum),
+        (cfg.train.global_batch >= 0, "train.global_batch", ">= 0 (0 = processes x grad_accum)", cfg.train.global_batch),
+        (
+            cfg.train.global_batch == 0 or cfg.train.grad_accum == 1,
+            "train.grad_accum",
+            "1 (left to train.global_batch, which sets it) when train.global_batch is set",
+            cfg.train.grad_accum,
+        ),
+        (cfg.export.max_shard_gb >= 0, "export.max_shard_gb", ">= 0 (0 = one file)", cfg.export.max_shard_gb),
         (cfg.train.save_every >= 1, "train.save_every", ">= 1", cfg.train.save_every),
         (cfg.train.log_every >= 1, "train.log_every", ">= 1", cfg.train.log_every),
         (cfg.train.keep_last >= 1, "train.keep_last", ">= 1", cfg.train.keep_last),
@@ -356,6 +385,21 @@ def validate(cfg: Config) -> None:
     errors = [f"{key}: expected {expected}, got {got!r}" for ok, key, expected, got in checks if not ok]
     if errors:
         raise ConfigError("invalid training config:\n  " + "\n  ".join(errors))
+
+
+def resolve_grad_accum(cfg: Config, world_size: int) -> int:
+    """Packs per rank per step: train.global_batch / processes when the global batch is set (it must divide),
+    else train.grad_accum. The data streams are a function of (seed, global batch), so a run with a fixed
+    global batch sees the same packs in every step on any number of nodes."""
+    g = cfg.train.global_batch
+    if g == 0:
+        return cfg.train.grad_accum
+    if g % world_size:
+        raise ConfigError(
+            f"train.global_batch: expected a multiple of the {world_size} processes (each takes global_batch / "
+            f"processes packs per step), got {g}"
+        )
+    return g // world_size
 
 
 # ---- output -------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ plain Linears (W += alpha/r * B A) for export in the official layout.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
@@ -25,8 +26,8 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        init_adapter_weight_("lora_A", self.lora_A.weight)
+        init_adapter_weight_("lora_B", self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scale
@@ -40,10 +41,30 @@ class LoRALinear(nn.Linear):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        out.weight.copy_(self.weight + self.scale * (self.lora_B.weight @ self.lora_A.weight))
+        out.weight.copy_(merged_weight(self.weight, self.lora_A.weight, self.lora_B.weight, self.scale))
         if self.bias is not None:
             out.bias.copy_(self.bias)
         return out
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The plain Linear weight a LoRALinear computes with: W + scale B A."""
+    return weight + scale * (lora_B @ lora_A)
+
+
+@torch.no_grad()
+def init_adapter_weight_(name: str, weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (`lora_A`) kaiming-uniform like nn.Linear's default, B zero: the adapted layer starts as the base."""
+    if "lora_A" in name:
+        return nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+    return nn.init.zeros_(weight)
+
+
+def initial_adapter_weight(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The initial value of adapter weight `name` (`*.lora_A.weight` / `*.lora_B.weight`), the same on every
+    rank (generator seeded by the run seed and the name): for models materialised after sharding."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return init_adapter_weight_(name, torch.empty(shape), generator)
 
 
 def _matches(name: str, targets: list[str]) -> bool:

@@ -8,7 +8,7 @@ Bytes per parameter by sharding (W = processes; P = all Bagel parameters, Pt = t
   working params      -               (root unit + 2 layers) x b       -   (all-gathered in compute dtype)
   grads               4 Pt            4 Pt / W                         4 Pt / W
   optimizer (AdamW)   8 Pt            8 Pt / W                         8|12 Pt / W (+fp32 master with bf16)
-  EMA (fp32)          4 Pt            4 Pt / W                         4 Pt
+  EMA (fp32)          4 Pt            4 Pt / W                         4 Pt      (0 with optim.ema_decay=0)
   VAE (frozen)        4 P_vae everywhere (replicated, never sharded)
 zero3 (DeepSpeed) is zero2 with the weights and the EMA divided by W too, and fsdp's working params (an upper
 bound: ZeRO-3 gathers per submodule, finer than the root unit).
@@ -27,6 +27,15 @@ Plus the lm_head at the CE positions (fp32 logits, log-softmax and their grad: 3
 
 The estimate is checked against measured numbers in tests/test_training_memory.py (tiny model, CPU: exact
 parameter/grad/optimizer/EMA bytes, and the bytes autograd actually saves for backward).
+
+Host RAM per rank (`host_estimate`, beyond the process itself: Python, torch, CUDA context), f = bytes per
+element of the checkpoint file (2 for the release), L = the largest tensor's elements, W = processes:
+  loading, FSDP + pretrained    L/W (f + 4): one tensor's rows of this rank's shard, read and cast (training.loading)
+                                (+ 4 P / W shards + 4 P_vae when training on CPU)
+  loading, other shardings      L (f + 4): from_pretrained onto the device one tensor at a time (+ 4 P + 4 P_vae
+                                on CPU); model.init=random builds 4 P + 4 P_vae on every rank
+  export (rank 0 only)          L (4 + e): one float32 tensor from the checkpoint and its copy in the export dtype
+Measured against benchmarks/load_rss.py (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ class ParamCounts:
     layer_unit: int  # one FSDP unit (a decoder layer)
     root_unit: int  # the FSDP root unit (everything outside the decoder layers)
     vae: int
+    largest: int  # elements of the largest Bagel tensor (the embedding / lm_head at 7B)
 
     @classmethod
     def of(cls, cfg: Config, mcfg: BagelConfig) -> ParamCounts:
@@ -74,6 +84,7 @@ class ParamCounts:
             max(units),
             total - sum(units),
             sum(p.numel() for p in vae.parameters()),
+            max(p.numel() for p in model.parameters()),
         )
 
 
@@ -151,6 +162,7 @@ def estimate(
     compute_bytes: int,
     activation_checkpointing: bool,
     device_type: str,
+    ema: bool = True,
 ) -> MemoryEstimate:
     llm, vit = mcfg.llm, mcfg.vit
     w = world if sharding in ("fsdp", "zero3") else 1
@@ -162,7 +174,7 @@ def estimate(
     working = gathered * compute_bytes if sharding in ("fsdp", "zero3") and world > 1 else 0
     grads = 4 * counts.trainable / g
     optimizer = (12 if ds_bf16 else 8) * counts.trainable / g
-    ema = 4 * counts.trainable / w
+    ema = 4 * counts.trainable / w if ema else 0
     vae = 4 * counts.vae
 
     T, b = shape.tokens, compute_bytes
@@ -198,7 +210,51 @@ def estimate_for_config(
         2 if bf16 else 4,
         cfg.train.activation_checkpointing,
         "cuda" if gpu else device_type,
+        ema=cfg.optim.ema_decay > 0,
     )
+
+
+@dataclass
+class HostMemory:
+    """Host RAM per rank for loading and for export (bytes, beyond the process itself), and how it loads."""
+
+    loading: float
+    export: float
+    full_state_dict: float  # a full state dict per rank, cast to float32 (the official trainer's way), for contrast
+    how: str
+
+    def table(self, title: str = "host RAM per rank") -> str:
+        return "\n".join(
+            [
+                f"{title}, beyond the process itself (Python, torch, CUDA context):",
+                f"  {'loading':<16} {self.loading / GiB:9.3f} GiB   {self.how}",
+                f"  {'export':<16} {self.export / GiB:9.3f} GiB   rank 0 only, tensor by tensor (fp32 read + its copy "
+                "in the export dtype); the other ranks are done",
+                f"  ({'a full state dict per rank, cast to fp32, would take'} {self.full_state_dict / GiB:.1f} GiB)",
+            ]
+        )
+
+
+def host_estimate(
+    cfg: Config, mcfg: BagelConfig, world: int, device_type: str, file_bytes: int = 2, export_bytes: int = 2
+) -> HostMemory:
+    """Host RAM per rank (module doc); `file_bytes` / `export_bytes`: bytes per element of the checkpoint file
+    and of the export (2 = bf16, the release)."""
+    from training.loading import sharded_loading
+
+    counts = ParamCounts.of(cfg, mcfg)
+    p, largest, vae, f = counts.total, counts.largest, counts.vae, file_bytes
+    on_cpu = device_type == "cpu"
+    if cfg.model.init == "random":
+        loading, how = 4 * (p + vae), "model.init=random: every rank builds the whole model, then shards it"
+    elif sharded_loading(cfg):
+        loading = largest / world * (f + 4) + (4 * p / world + 4 * vae if on_cpu else 0)
+        how = "FSDP: each rank reads only its shards' rows, one tensor at a time" + (" (+ its shards)" if on_cpu else "")
+    else:
+        loading = largest * (f + 4) + (4 * (p + vae) if on_cpu else 0)
+        how = f"{cfg.train.sharding}: every rank loads every weight, one tensor at a time onto {device_type}"
+    full = p * f + (4 * p if f != 4 else 0)
+    return HostMemory(loading, largest * (4 + export_bytes), full, how)
 
 
 class MemoryFitError(RuntimeError):

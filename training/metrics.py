@@ -9,6 +9,7 @@ the lm_head is counted only for CE positions and the ViT is ignored (small).
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,20 @@ def training_flops(batch: PackedBatch, cfg: BagelConfig) -> float:
     return float(dense + head + attn)
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run dir: the W&B run a resumed run continues
+
+
 class MetricsLogger:
+    """metrics.jsonl and, when configured, TensorBoard (run_dir/tb) and W&B get every step; the console the
+    steps the trainer asks for. Rank 0 only (`enabled`).
+
+    `start_step` is the step a resumed run starts after (0: a fresh run). A resumed run logs again the steps
+    a killed process logged after its checkpoint: `read_metrics` keeps the last line of each, TensorBoard
+    hides the killed process's events from `start_step + 1` on (`purge_step`), and W&B continues the same
+    run (its id is kept in `run_dir/wandb_run_id`; a fresh start gets a new one) and keeps the values it
+    already holds for those steps (W&B steps only grow).
+    """
+
     def __init__(
         self,
         run_dir: Path,
@@ -60,6 +74,7 @@ class MetricsLogger:
         tensorboard: bool = False,
         wandb_project: str = "",
         config: dict | None = None,
+        start_step: int = 0,
     ):
         self.enabled = enabled
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
@@ -71,7 +86,7 @@ class MetricsLogger:
                 raise RuntimeError(
                     "train.tensorboard=true needs the tensorboard package: pip install -e '.[logging]'"
                 ) from e
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
         if enabled and wandb_project:
             try:
                 import wandb
@@ -80,7 +95,11 @@ class MetricsLogger:
                     "train.wandb_project is set but wandb is not installed: pip install -e '.[logging]'"
                 ) from e
             self.wandb = wandb.init(
-                project=wandb_project, dir=str(run_dir), config=config, resume="allow", id=run_dir.name
+                project=wandb_project,
+                dir=str(run_dir),
+                config=config,
+                id=wandb_run_id(run_dir, resuming=start_step > 0),
+                resume="allow",
             )
         self._t0 = time.time()
 
@@ -110,6 +129,17 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id of a run dir: the stored one when resuming, else a new one (stored). Not the dir's name:
+    runs/a/exp and runs/b/exp would share it, and a fresh start would append to an old run's history."""
+    path = run_dir / WANDB_ID_FILE
+    run_id = path.read_text().strip() if resuming and path.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        path.write_text(run_id + "\n")
+    return run_id
 
 
 def _fmt(v: float) -> str:

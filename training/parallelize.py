@@ -8,6 +8,8 @@
                   Both need every rank to run every module in the same order (ZeRO-3 gathers each submodule's
                   parameters when it runs; ZeRO-2 buckets gradients in hook order), so the trainer pads each
                   pack with a dummy sample that runs the modules the pack would skip (training.uniform)
+  5. materialising   a pretrained model under FSDP arrives on the meta device (training.loading): after sharding,
+                  each rank allocates its shards and reads only their slices from the checkpoint files
 
 Model code knows nothing of this. Process groups: torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) decides; gloo on
 CPU, NCCL on GPU; a plain `python` run is a single process without a process group.
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from training.config import Config
+from training.loading import load_sharded_
 from training.lora import apply_lora
 
 # ---- processes ----------------------------------------------------------------------------------------
@@ -157,14 +160,14 @@ def apply_fsdp(model: nn.Module, env: DistEnv, dtype: torch.dtype) -> nn.Module:
 DEEPSPEED_STAGES = {"zero2": 2, "zero3": 3}
 
 
-def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
+def deepspeed_config(cfg: Config, dtype: torch.dtype, grad_accum: int) -> dict:
     stage = DEEPSPEED_STAGES[cfg.train.sharding]
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True}
     if stage == 3:
         zero["stage3_param_persistence_threshold"] = cfg.train.zero3_persistence_threshold
     return {
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": cfg.optim.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -174,13 +177,15 @@ def deepspeed_config(cfg: Config, dtype: torch.dtype) -> dict:
     }
 
 
-def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dtype: torch.dtype):
+def apply_deepspeed(
+    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, dtype: torch.dtype, grad_accum: int
+):
     try:
         import deepspeed
     except ImportError as e:
         raise RuntimeError(f"train.sharding={cfg.train.sharding} needs DeepSpeed: pip install -e '.[deepspeed]'") from e
     engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dtype)
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, dtype, grad_accum)
     )
     return engine, optimizer
 
@@ -189,7 +194,7 @@ def apply_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Con
 
 
 def prepare_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
-    """Steps 1-4 except DeepSpeed (which needs the optimizer: `apply_deepspeed` after `build_optimizer`)."""
+    """Steps 1-5 except DeepSpeed (which needs the optimizer: `apply_deepspeed` after `build_optimizer`)."""
     apply_freezing(model, cfg)  # 1
     if cfg.lora.enabled:  # 2
         apply_lora(model, cfg.lora.targets, cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout)
@@ -199,7 +204,10 @@ def prepare_model(model: nn.Module, cfg: Config, env: DistEnv) -> nn.Module:
     if model.vae is not None:  # frozen, replicated, never sharded
         model.vae.to(env.device)
     if cfg.train.sharding == "fsdp":  # 4
-        return apply_fsdp(model, env, dtype)  # moves each unit's shards to env.device
+        model = apply_fsdp(model, env, dtype)  # moves each unit's shards to env.device
+        if any(p.is_meta for p in model.parameters()):  # 5
+            load_sharded_(model, cfg.model.path, env.device, cfg.run.seed)
+        return model
     return model.to(env.device)
 
 

@@ -2,7 +2,7 @@
 
 This is docs/format.md section 3 as code. For a record `prompt | turn_1 ... turn_n`:
 
-  prompt            text, no loss, CFG-droppable
+  prompt            text, no loss, CFG-droppable (an empty prompt is left out)
   text turn         text, CE per its `loss` flag (overridable per subset/role: `data.loss_roles`); when supervised,
                     the <|im_end|> position is labelled with what comes next (`next_after_text`):
                     <|vision_start|> before a generated image, <|im_start|> before another text turn,
@@ -156,7 +156,8 @@ def build_sample_plan(
         return images[index]
 
     losses = [turn_loss(traj, t.role, t.loss, loss_roles) for t in traj.turns]
-    items = [text_item(encode(traj.prompt), loss=False, enable_cfg=True)]
+    # an empty prompt is no segment: an edit record starts with its image, like the official editing plan
+    items = [text_item(encode(traj.prompt), loss=False, enable_cfg=True)] if traj.prompt else []
     for i, turn in enumerate(traj.turns):
         if turn.is_image:
             vae, vit = tensors(turn.image)

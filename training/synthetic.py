@@ -62,6 +62,30 @@ def make_record(rng: random.Random, index: int, size: tuple[int, int] = (32, 32)
     return Trajectory(prompt=" and ".join(names), turns=turns, images=images, subset="trajectory", meta=meta)
 
 
+def make_records(records: int = 64, seed: int = 0, size: tuple[int, int] = (32, 32)) -> list[Trajectory]:
+    rng = random.Random(seed)
+    return [make_record(rng, i, size) for i in range(records)]
+
+
+class SyntheticTable:
+    """`records` synthetic trajectories in memory, read like a `training.data.RecordTable` (one row group): a
+    `DataStream` over it packs exactly what it would pack from `write_table`'s files, with no parquet (and no
+    `datasets`) in between. For benchmarks on machines that lack the data stack."""
+
+    def __init__(self, records: int = 64, seed: int = 0, size: tuple[int, int] = (32, 32)):
+        self.records = make_records(records, seed, size)
+        self.path = Path(f"<{records} synthetic records, {size[0]}x{size[1]} px, seed {seed}>")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def group_of(self, i: int) -> int:
+        return 0
+
+    def get(self, i: int) -> Trajectory:
+        return self.records[i]
+
+
 def write_table(
     path: str | Path, records: int = 64, seed: int = 0, size: tuple[int, int] = (32, 32), rows_per_file: int = 32
 ) -> Path:
@@ -72,8 +96,7 @@ def write_table(
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    rows = [make_record(rng, i, size).to_row() for i in range(records)]
+    rows = [record.to_row() for record in make_records(records, seed, size)]
     for k in range(0, records, rows_per_file):
         table = datasets.Dataset.from_list(rows[k : k + rows_per_file], features=datasets_features())
         table.to_parquet(str(path / f"shard-{k // rows_per_file:05d}.parquet"), batch_size=8)

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-from bagel_ft.autoencoder import AutoEncoder
 from bagel_ft.config import BagelConfig, ConfigError
 from bagel_ft.modeling import Bagel
 from bagel_ft.tokenizer import load_tokenizer
 from bagel_ft.transforms import ImageGeometry
 from training import checkpoint as ckpt
-from training.config import Config, save_config, to_dict
+from training.config import Config, resolve_grad_accum, save_config, to_dict
 from training.data import DataStream, Prefetcher, RecordTable, StreamSpec
+from training.loading import build_model, model_config
 from training.losses import TokenCounts, ce_sum, mse_sum, step_loss
 from training.memory import check_fit, estimate_for_config
 from training.metrics import MetricsLogger, peak_tflops, training_flops
@@ -66,35 +66,6 @@ class TrainState:
 
 
 # ---- setup pieces ------------------------------------------------------------------------------------------
-
-
-def build_model(cfg: Config) -> Bagel:
-    """Bagel.from_pretrained(model.path), or random weights only when model.init is 'random'."""
-    if cfg.model.init == "random":
-        torch.manual_seed(cfg.run.seed)  # identical weights on every rank
-        mcfg = BagelConfig.preset(cfg.model.preset)
-        model = Bagel(mcfg).attach_vae(AutoEncoder(mcfg.vae))
-    else:
-        model = Bagel.from_pretrained(checkpoint_path(cfg))
-    if cfg.model.timestep_shift is not None:
-        model.config.arch.timestep_shift = cfg.model.timestep_shift
-    return model
-
-
-def checkpoint_path(cfg: Config) -> Path:
-    path = Path(cfg.model.path)
-    if not path.is_dir():
-        raise ConfigError(
-            f"model.path: expected a checkpoint directory (official layout), got {str(path)!r}, which "
-            "does not exist. To start from random weights set model.init: random explicitly."
-        )
-    return path
-
-
-def model_config(cfg: Config) -> BagelConfig:
-    if cfg.model.init == "random":
-        return BagelConfig.preset(cfg.model.preset)
-    return BagelConfig.from_dir(checkpoint_path(cfg))
 
 
 def build_tokenizer(cfg: Config):
@@ -144,10 +115,10 @@ def image_bounds(cfg: Config) -> ImageGeometry:
     return ImageGeometry(d.vae_max_size, d.vae_min_size, d.vit_max_size, d.vit_min_size, d.max_pixels)
 
 
-def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> list[Prefetcher]:
+def stream_spec(cfg: Config, mcfg: BagelConfig, tokenizer) -> StreamSpec:
+    """How the config's records become packs for this model and tokenizer (shared by every stream)."""
     d = cfg.data
-    tables = [RecordTable(s.path, s.subsets) for s in d.sources]
-    spec = StreamSpec(
+    return StreamSpec(
         encode=tokenizer.encode,
         special=SpecialTokens.from_tokenizer(tokenizer),
         images=PlanGeometry.from_bounds(image_bounds(cfg), mcfg.latent_downsample, mcfg.vit.patch_size),
@@ -161,7 +132,14 @@ def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> li
         prefer_buffer_before=d.prefer_buffer_before,
         max_buffer_size=d.max_buffer_size,
     )
-    accum, num_streams = cfg.train.grad_accum, env.world_size * cfg.train.grad_accum
+
+
+def build_streams(cfg: Config, mcfg: BagelConfig, tokenizer, env: DistEnv) -> list[Prefetcher]:
+    d = cfg.data
+    tables = [RecordTable(s.path, s.subsets) for s in d.sources]
+    spec = stream_spec(cfg, mcfg, tokenizer)
+    accum = resolve_grad_accum(cfg, env.world_size)
+    num_streams = env.world_size * accum  # = the global batch: streams depend on it, not on the node count
     weights = [s.weight for s in d.sources]
     return [
         Prefetcher(DataStream(tables, weights, spec, cfg.run.seed, env.rank * accum + m, num_streams), d.prefetch)
@@ -178,6 +156,7 @@ class Trainer:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         self.env = init_distributed(cfg.train.device)
+        self.grad_accum = resolve_grad_accum(cfg, self.env.world_size)  # packs per rank per step
         self.run_dir = Path(cfg.run.dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainState()
@@ -201,15 +180,35 @@ class Trainer:
         check_fit(self.estimate, cfg, env.device)  # refuses to start when it cannot fit
 
         self.dtype = compute_dtype(cfg, env)
-        base = build_model(cfg)
-        base.set_attn_backend(attention_backend(cfg, env))
-        self.vae = base.vae
-        if cfg.model.init == "random" and env.is_main and self.vae is not None:  # exports need this VAE
+        # FSDP + pretrained: a meta skeleton, filled after sharding; DeepSpeed bf16: loaded in bf16 (it casts anyway)
+        deepspeed_bf16 = cfg.train.sharding in DEEPSPEED_STAGES and self.dtype == torch.bfloat16
+        base = build_model(cfg, env.device, torch.bfloat16 if deepspeed_bf16 else torch.float32)
+        if cfg.model.init == "random" and env.is_main and base.vae is not None:  # exports need this VAE
             from safetensors.torch import save_file
 
             from training.export import RANDOM_INIT_AE
 
-            save_file({k: v.contiguous() for k, v in self.vae.state_dict().items()}, str(self.run_dir / RANDOM_INIT_AE))
+            save_file({k: v.contiguous() for k, v in base.vae.state_dict().items()}, str(self.run_dir / RANDOM_INIT_AE))
+        self.prepare(base)
+        self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
+        resumed = self._resume()  # before the logger: it continues the run's event files / W&B run at this step
+        self.log = MetricsLogger(
+            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg), self.state.step
+        )
+        if resumed is not None:
+            self.log.message(f"resumed from {resumed} at step {self.state.step}")
+        self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
+        return self
+
+    def prepare(self, base: Bagel) -> Trainer:
+        """Make `base` trainable as configured: attention backend, freezing / LoRA / checkpointing / sharding
+        (training.parallelize), optimizer, schedule, EMA. `setup` calls it with the configured model; after it,
+        `train_step` runs (benchmarks/gpu_check.py calls it with a model of its own and feeds packs itself)."""
+        cfg, env = self.cfg, self.env
+        self.mcfg = base.config
+        self.dtype = compute_dtype(cfg, env)
+        base.set_attn_backend(attention_backend(cfg, env))
+        self.vae = base.vae
         self.model = prepare_model(base, cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)  # on the torch AdamW
@@ -221,27 +220,22 @@ class Trainer:
                     "reads FSDP / single-process checkpoints; set train.export_ema=false (DeepSpeed checkpoints "
                     "convert with DeepSpeed's zero_to_fp32.py)"
                 )
-            self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, cfg, self.dtype)
+            self.engine, self.optimizer = apply_deepspeed(self.model, self.optimizer, cfg, self.dtype, self.grad_accum)
         self.ema = EMA(self._module(), cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
-        self.streams = build_streams(cfg, self.mcfg, self.tokenizer, env)
-        self.log = MetricsLogger(
-            self.run_dir, env.is_main, cfg.train.tensorboard, cfg.train.wandb_project, to_dict(cfg)
-        )
-        self.peak = peak_tflops(env.device, cfg.train.peak_tflops)
-        self._resume()
         return self
 
     def _module(self):
         """The model whose parameters are trained (DeepSpeed wraps it)."""
         return self.engine.module if self.engine is not None else self.model
 
-    def _resume(self) -> None:
+    def _resume(self) -> Path | None:
+        """Load the checkpoint `run.resume` names (auto: the latest complete one); returns its path, if any."""
         cfg = self.cfg
         if cfg.run.resume == "never":
-            return
+            return None
         path = ckpt.latest_checkpoint(self.ckpt_root) if cfg.run.resume == "auto" else Path(cfg.run.resume)
         if path is None:
-            return
+            return None
         if not (path / ckpt.COMPLETE).is_file():
             raise ConfigError(f"run.resume: {path} is not a complete checkpoint (no {ckpt.COMPLETE} marker)")
         extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema, self.env, self.engine)
@@ -249,7 +243,7 @@ class Trainer:
         self.state = TrainState(extra["step"], extra["nonfinite_total"], extra["nonfinite_in_a_row"], extra["data"])
         for prefetcher, data_state in zip(self.streams, extra["data"], strict=True):
             prefetcher.stream.load_state_dict(data_state)
-        self.log.message(f"resumed from {path} at step {self.state.step}")
+        return path
 
     # ---- one step -------------------------------------------------------------------------------------
     def _autocast(self):
@@ -287,7 +281,7 @@ class Trainer:
             # nothing supervised in this pack: still join the gradient collectives
             loss = zero if loss is None else loss + zero
             if self.engine is not None:
-                self.engine.backward(loss * cfg.train.grad_accum)  # DeepSpeed divides by its accumulation steps
+                self.engine.backward(loss * len(batches))  # DeepSpeed divides by its accumulation steps
                 self.engine.step()  # called per micro-batch; DeepSpeed updates at the accumulation boundary
             else:
                 loss.backward()
@@ -433,7 +427,7 @@ class Trainer:
             "nonfinite_in_a_row": state.nonfinite_in_a_row,
         }
         meta = {
-            "grad_accum": self.cfg.train.grad_accum,
+            "grad_accum": self.grad_accum,
             "sharding": self.cfg.train.sharding,
             "ema_keys": sorted(self.ema.shadow) if self.ema is not None else [],
             "metrics": metrics or {},
@@ -452,15 +446,15 @@ class Trainer:
         )
 
     def export(self, out_dir: Path) -> Path | None:
-        """EMA weights of the latest checkpoint in the official layout (rank 0, one process; see export_ema)."""
+        """The latest checkpoint as a drop-in model directory (training.export), written by rank 0 alone, tensor
+        by tensor from the checkpoint files; the other ranks are done (no collective waits on a long export)."""
         from training.export import export_ema
 
         last = ckpt.latest_checkpoint(self.ckpt_root)
-        barrier(self.env)
+        barrier(self.env)  # every rank sees the same latest checkpoint
         if self.env.is_main and last is not None:
             export_ema(self.cfg, last, out_dir, self.tokenizer)
             self.log.message(f"exported EMA weights of {last.name} to {out_dir}")
-        barrier(self.env)
         return out_dir if last is not None else None
 
 

@@ -65,7 +65,7 @@ def make_backends(cfg: DataConfig, cache: CallCache, summary: Summary, *, with_s
     editor = {
         "shapes": lambda: shapes_editor,
         "bagel": lambda: BagelEditor.from_checkpoint(cache, size, cfg.bagel_editor, runner),
-        "kontext": lambda: KontextEditor(cache, size, cfg.kontext),
+        "kontext": lambda: KontextEditor(cache, size, cfg.kontext, runner),
     }[b.editor]()
     judge = VLMJudge(client, repair) if b.judge == "vlm" else ShapesJudge(cache)
     sampler = None

@@ -6,7 +6,7 @@
   `<|im_end|>`) is `Rejected("format_failure")`, its kind also counted under `invalid`; one without any
   turn (a scaled search with no candidate) is `Rejected("empty_sample")`.
 * `KontextEditor` runs `diffusers`' FluxKontextPipeline (optional extra: `pip install -e .[kontext]`),
-  imported on first use.
+  loaded on the first edit the cache cannot answer, on `kontext.device` in `kontext.dtype`.
 
 A checkpoint is loaded once per process (`loaded_model`: one `Generator` per (ckpt, device, dtype), shared
 by the editor and the sampler) and runs one call at a time off the event loop (`ModelRunner`); `--shard
@@ -37,6 +37,7 @@ from data_gen.config import BagelEditorConfig, KontextConfig, ModelSamplerConfig
 from data_gen.errors import FatalError, Rejected
 from inference.call_cache import CallCache, image_text, png_text, text_image
 from inference.endpoint import CallStats, Counters
+from inference.settings import resolve_device
 from scene_graphs import Step
 
 BLANK = (255, 255, 255)  # the canvas a first step edits
@@ -65,10 +66,12 @@ def loaded_model(ckpt: str, device: str = "auto", dtype: str = "auto") -> Any:
 
 def checkpoint_id(ckpt: str, settings: dict[str, Any]) -> str:
     """Names a checkpoint's outputs in cache keys: its directory, weights file (size, mtime) and `settings`."""
-    from bagel_ft.checkpoint import MODEL_FILES
+    from bagel_ft.checkpoint import MODEL_STEMS
+    from bagel_ft.weights import INDEX_SUFFIX
 
     path = Path(ckpt).resolve()
-    weights = next((path / f for f in MODEL_FILES if (path / f).is_file()), None)
+    names = [f"{stem}{suffix}" for stem in MODEL_STEMS for suffix in (".safetensors", INDEX_SUFFIX)]
+    weights = next((path / f for f in names if (path / f).is_file()), None)  # a sharded model: its index
     stamp = f"{weights.name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}" if weights else "no-weights"
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return f"{path}@{stamp}#{digest}"
@@ -192,38 +195,74 @@ class BagelEditor(_CachedImageEditor):
 
 
 class KontextEditor(_CachedImageEditor):
-    """FLUX.1 Kontext [dev] via diffusers; the pipeline loads on the first edit."""
+    """FLUX.1 Kontext [dev] through diffusers' FluxKontextPipeline. The pipeline loads on the first edit the
+    cache cannot answer (a re-run served from the cache never loads it), on `kontext.device` in
+    `kontext.dtype`. Kontext is given the previous image at the canvas size (no resize to its ~1 MP preferred
+    resolutions) and draws at that size: `max_area` is the canvas area, which diffusers otherwise sets to
+    1024 x 1024 whatever `height` / `width` say. The noise comes from a CPU generator, so a seed draws the
+    same noise on any device."""
 
     name = "kontext"
 
-    def __init__(self, cache: CallCache, size: int, cfg: KontextConfig):
+    def __init__(self, cache: CallCache, size: int, cfg: KontextConfig, runner: ModelRunner | None = None):
         try:
             import diffusers  # noqa: F401
         except ImportError as e:
             raise FatalError("backends.editor=kontext needs diffusers: pip install -e '.[kontext]'") from e
-        super().__init__(cache, size, cfg.model)
+        self.device, self.dtype = resolve_device(cfg.device, cfg.dtype)
+        super().__init__(cache, size, kontext_id(cfg, self.dtype), runner)
         self.cfg = cfg
         self._pipe = None
 
-    def _generate(self, before: Image.Image, instruction: str, seed: int) -> Image.Image:
-        import torch
+    def _load(self) -> Any:
         from diffusers import FluxKontextPipeline
 
-        if self._pipe is None:
-            self._pipe = FluxKontextPipeline.from_pretrained(self.cfg.model, torch_dtype=torch.bfloat16).to(
-                self.cfg.device
+        from inference.api import DTYPES
+
+        try:
+            pipe = FluxKontextPipeline.from_pretrained(self.cfg.model, dtype=DTYPES[self.dtype])
+        except (OSError, ValueError) as e:  # no such folder / repo, or not a Kontext pipeline
+            raise FatalError(f"kontext.model {self.cfg.model!r}: cannot load a FluxKontextPipeline: {e}") from e
+        multiple = pipe.vae_scale_factor * 2  # VAE stride x the transformer's 2 x 2 latent patches
+        if self.size % multiple:
+            raise FatalError(
+                f"pipeline.image_size={self.size}: {self.cfg.model!r} draws sizes that are multiples of {multiple}"
             )
-        generator = torch.Generator(self.cfg.device).manual_seed(seed)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe.to(self.device)
+
+    def _generate(self, before: Image.Image, instruction: str, seed: int) -> Image.Image:
+        import torch
+
+        if self._pipe is None:
+            self._pipe = self._load()
         out = self._pipe(
             image=before,
             prompt=instruction,
-            guidance_scale=self.cfg.guidance,
             height=self.size,
             width=self.size,
+            max_area=self.size * self.size,
+            _auto_resize=False,
+            guidance_scale=self.cfg.guidance,
             num_inference_steps=self.cfg.steps,
-            generator=generator,
+            generator=torch.Generator("cpu").manual_seed(seed),
         )
-        return out.images[0].convert("RGB")
+        image = out.images[0].convert("RGB")
+        if image.size != before.size:  # a diffusers that resizes differently: say so, not a dataset of two sizes
+            raise FatalError(f"kontext drew {image.size[0]}x{image.size[1]}, asked for {self.size}x{self.size}")
+        return image
+
+
+def kontext_id(cfg: KontextConfig, dtype: str) -> str:
+    """Names a Kontext pipeline's outputs in cache keys: the model (a local folder by its path and its
+    transformer weights' sizes and mtimes, like `checkpoint_id`), the dtype, steps and guidance."""
+    path = Path(cfg.model)
+    model = cfg.model
+    if path.is_dir():
+        weights = sorted((path / "transformer").glob("*.safetensors"))
+        model = f"{path.resolve()}@" + ",".join(f"{w.name}:{w.stat().st_size}:{w.stat().st_mtime_ns}" for w in weights)
+    settings = {"dtype": dtype, "steps": cfg.steps, "guidance": cfg.guidance}
+    return f"{model}#{hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]}"
 
 
 # ---- the sampler ------------------------------------------------------------------------------------------
