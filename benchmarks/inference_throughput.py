@@ -12,11 +12,16 @@ Strategies:
                copied per branch (deepcopy, not an O(1) fork), prompt after prompt (`OfficialStrategyEngine`);
   batch B      ours (`Generator.generate_many(batch_size=B)`): one packed forward per step for the CFG branches
                of all B samples in flight (ragged: a finished sample leaves, the next prompt joins).
+Guidance: the demo draws without CFG (one forward per flow step, demo.base_model.FlowDefaults). `--cfg 4 2` sets
+text / image guidance (the release's edit CFG; single mode keeps image guidance off, as the official t2i): a flow
+step then has 2 branches in single mode (full, text-unconditional) and 3 in PSIR mode (full, text-unconditional,
+image-unconditional), which the official strategy runs one after the other.
 Rates are per CPU second of this process (1 thread: on an idle machine its wall time): the CPU here is shared,
 and while other jobs run, wall time measures them too; wall seconds and the load average are printed beside.
 Each row is the best of --repeats interleaved runs; ratios are within one run of the script.
 
     OMP_NUM_THREADS=1 python benchmarks/inference_throughput.py                      # CPU, ~10 min
+    OMP_NUM_THREADS=1 python benchmarks/inference_throughput.py --cfg 4 2                             # with CFG
     OMP_NUM_THREADS=1 python benchmarks/inference_throughput.py --workloads single --prompts 16 --timesteps 11
     python benchmarks/inference_throughput.py --device cuda --dtype bf16 --ckpt CKPT_7B --psir-ckpt CKPT_7B_PSIR
 """
@@ -68,14 +73,18 @@ class OfficialStrategyEngine(Engine):
         return [super(OfficialStrategyEngine, self).execute([op])[0] for op in ops]
 
 
-def inference_options(mode: str, timesteps: int | None) -> GenerateOptions:
-    """The options every ShapesEval run of the demo uses (demo.pipeline.inference_config)."""
+def inference_options(mode: str, timesteps: int | None, cfg: tuple[float, float] | None = None) -> GenerateOptions:
+    """The options every ShapesEval run of the demo uses (demo.pipeline.inference_config); `cfg` = (text, image)
+    guidance scales instead of the demo's."""
     from demo.pipeline import inference_config
     from eval.generator import dataclass_from_dict
 
     options = dataclass_from_dict(GenerateOptions, {**inference_config()["options"], "mode": mode})
     if timesteps:
         options.flow = replace(options.flow, num_timesteps=timesteps)
+    if cfg:
+        image = cfg[1] if mode == "psir" else 1.0  # t2i has no image to guide against (the official t2i's 1.0)
+        options.flow = replace(options.flow, cfg_text_scale=cfg[0], cfg_img_scale=image)
     return options
 
 
@@ -106,6 +115,8 @@ def main() -> int:
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--prompts", type=int, default=32, help="ShapesEval prompts per row (every 12th of the 400)")
     ap.add_argument("--timesteps", type=int, default=None, help="schedule points (default: the demo's)")
+    ap.add_argument("--cfg", type=float, nargs=2, metavar=("TEXT", "IMAGE"), default=None,
+                    help="text and image guidance scales (default: the demo's, no guidance)")
     ap.add_argument("--no-official", action="store_true", help="skip the official-strategy rows")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per row; the fastest counts")
     ap.add_argument("--device", default="cpu")
@@ -120,14 +131,15 @@ def main() -> int:
     jobs = [(p["prompt"], 1000 * p["index"]) for p in prompts[::step][: args.prompts]]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     device = torch.device(args.device)
-    print(f"# {len(jobs)} prompts per row, {args.threads} thread(s), device {device}, torch {torch.__version__}")
+    cfg = f"CFG text {args.cfg[0]:g} / image {args.cfg[1]:g}" if args.cfg else "the demo's flow settings (no CFG)"
+    print(f"# {len(jobs)} prompts per row, {cfg}, {args.threads} thread(s), device {device}, torch {torch.__version__}")
     table = []
     for workload in args.workloads:
         ckpt = args.psir_ckpt if workload == "psir" else args.ckpt
         mode = "single" if workload == "single" else "psir"
         ours = Engine.from_pretrained(ckpt, dtype=dtype, device=args.device)
         official = OfficialStrategyEngine(ours.model, ours.tokenizer, ours.geometry)
-        options = inference_options(mode, args.timesteps)
+        options = inference_options(mode, args.timesteps, args.cfg)
         if workload == "psir":
             options.text = replace(options.text, temperature=0.7, top_p=0.9)
         rows = [(f"batch {b}", ours, b) for b in args.batch_sizes] + ([] if args.no_official else [

@@ -25,7 +25,9 @@ def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]
 
         import torch  # only here: this module stays torch-free to import
 
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPE_NAMES:
