@@ -4,8 +4,9 @@
     result = Generator.from_pretrained(ckpt, GenerateOptions(mode="psir")).generate("a red circle", seed=0)
 
 Layers: `settings` (every option) ; `kv_cache` (in-place, forkable KV cache) -> `engine` (contexts,
-decoding, flow sampling) -> `psir` (the loop) -> `scaling` (P x I x k search with `verifiers`) -> `api` /
-`cli`; `html` renders a trajectory. `endpoint` (+ `retries`, `concurrency`) + `call_cache`: the one
+decoding, flow sampling, written as `batching` programs: alone, or many samples per packed forward) -> `psir`
+(the loop) -> `scaling` (P x I x k search with `verifiers`) -> `api` / `cli`; `sharding` splits prompts over
+processes; `html` renders a trajectory. `endpoint` (+ `retries`, `concurrency`) + `call_cache`: the one
 OpenAI-compatible chat client (retries, adaptive concurrency, image parts) and call cache, used by the `vlm`
 critic, data_gen and eval.wise.
 """

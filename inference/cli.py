@@ -2,7 +2,8 @@
 
 Each prompt gets a folder under --out with its images (NN.png), final.png, trajectory.json (format v1,
 docs/format.md, image paths instead of bytes) and index.html (the trajectory as a strip of drafts; open it
-in a browser). --out/results.jsonl has one line per prompt (folder, cost, stop reason).
+in a browser). --out/results.jsonl has one line per prompt (folder, cost, stop reason; in the order they finish,
+`index` is the prompt's position).
 
 Modes: single (prompt -> one image), psir (the model plans, draws, inspects and refines on its own),
 scaled (--streams P x --iterations I, --candidates k per step, a --verifier picks the best; rollback).
@@ -19,12 +20,15 @@ Examples:
       --iterations 3 --candidates 2 --verifier shapes
   bagel-ft generate --ckpt CKPT --prompt "..." --out runs/vlm --mode scaled --verifier vlm \\
       --critic-base-url http://127.0.0.1:8000/v1 --critic-model Qwen2.5-VL-7B --critic-api-key-env MY_KEY
+  # many prompts: --batch-size samples at once (same images as one by one); 8 GPUs with torchrun
+  torchrun --nproc_per_node 8 --no-python -- bagel-ft generate --ckpt CKPT --prompts prompts.txt --out runs/many
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--out", required=True, help="output directory (one folder per prompt + results.jsonl)")
     io.add_argument("--mode", default="psir", choices=MODES, help="single | psir | scaled (default psir)")
     io.add_argument("--seed", type=int, default=0, help="seed of text sampling and flow noise (prompt i uses seed + i)")
+    io.add_argument("--batch-size", type=int, default=None,
+                    help="prompts drawn at once in single/psir mode, each seeded by itself (same images as one at a "
+                         "time); default: 16 on CPU, by image size on a GPU")
+    io.add_argument("--shard", default=None, metavar="I/N",
+                    help="draw every N-th prompt from the I-th (separate launches into one --out); under torchrun "
+                         "the ranks shard themselves")
     io.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES), help="auto = bf16 on GPU, fp32 on CPU")
     io.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     io.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "flex", "flash"),
@@ -140,6 +150,12 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from inference.api import Generator  # torch and the model: imported only to run, not for --help
+    from inference.sharding import current_shard
+
+    try:
+        shard = current_shard(args.shard)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
 
     geometry = {k: getattr(args, k) for k in ("vae_min_size", "vae_max_size", "vit_min_size", "vit_max_size")
                 if getattr(args, k) is not None}
@@ -148,17 +164,27 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args, generator.engine.max_image_side)
     generator.engine.latent_grid(options.flow.height, options.flow.width)  # fail early on a bad resolution
     prompts = read_prompts(args)
+    mine = shard.select(list(enumerate(prompts)))  # (global index, prompt): prompt i keeps seed + i in any shard
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "results.jsonl", "a") as log:
-        for i, prompt in enumerate(tqdm(prompts, desc="generate", disable=len(prompts) < 2)):
-            result = generator.generate(prompt, seed=args.seed + i, options=options)
-            folder = result.save(out, name=f"{i:04d}-{result.trajectory.id}")
-            line = {"index": i, "prompt": prompt, "folder": folder.name, "cost": asdict(result.cost),
-                    "stop_reason": result.trajectory.meta.get("stop_reason"),
-                    "failure": result.trajectory.meta.get("failure"), "has_image": result.image is not None}
-            log.write(json.dumps(line) + "\n")
-            log.flush()
-            if len(prompts) == 1:
-                print(f"{folder / 'index.html'}  ({line['stop_reason']}; cost {line['cost']})")
+    jobs = [(prompt, args.seed + i) for i, prompt in mine]
+    results = generator.generate_many(jobs, options=options, batch_size=args.batch_size)
+    for k, result in tqdm(results, desc="generate", total=len(jobs), disable=len(jobs) < 2 or not shard.is_first):
+        i, prompt = mine[k]
+        folder = result.save(out, name=f"{i:04d}-{result.trajectory.id}")
+        line = {"index": i, "prompt": prompt, "folder": folder.name, "cost": asdict(result.cost),
+                "stop_reason": result.trajectory.meta.get("stop_reason"),
+                "failure": result.trajectory.meta.get("failure"), "has_image": result.image is not None}
+        append_line(out / "results.jsonl", json.dumps(line))
+        if len(prompts) == 1:
+            print(f"{folder / 'index.html'}  ({line['stop_reason']}; cost {line['cost']})")
     return 0
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line with one O_APPEND write: ranks appending to the same file never interleave lines."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
