@@ -60,15 +60,17 @@ class AttentionSpec:
         return cls(tuple(sample_lens), tuple(sample_lens), ("causal",) * len(sample_lens))
 
     @classmethod
-    def with_cache(cls, kv_lens, query_lens, mode: str) -> AttentionSpec:
-        """New tokens (one `mode` segment per sample) appended after `kv_lens[i]` cached keys each."""
+    def with_cache(cls, kv_lens, query_lens, mode) -> AttentionSpec:
+        """New tokens (one segment per sample, in `mode`: one mode for all, or one per sample) appended after
+        `kv_lens[i]` cached keys each."""
         split_lens, modes = [], []
-        for kv, q in zip(kv_lens, query_lens, strict=True):
+        sample_modes = [mode] * len(kv_lens) if isinstance(mode, str) else list(mode)
+        for kv, q, m in zip(kv_lens, query_lens, sample_modes, strict=True):
             if kv > 0:  # the cache is earlier context; its own inner mask no longer matters
                 split_lens.append(kv)
                 modes.append("full")
             split_lens.append(q)
-            modes.append(mode)
+            modes.append(m)
         sample_lens = tuple(kv + q for kv, q in zip(kv_lens, query_lens, strict=True))
         return cls(sample_lens, tuple(split_lens), tuple(modes), tuple(query_lens))
 
@@ -238,15 +240,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask) -> Tensor:
         )
     scale = 1.0 / math.sqrt(q.shape[-1])
     if mask.backend == "sdpa":
-        query_lens = spec.sample_lens if spec.query_lens is None else spec.query_lens
-        outs = []
-        for qi, ki, vi, m in zip(
-            q.split(query_lens), k.split(spec.sample_lens), v.split(spec.sample_lens), mask.sample_masks, strict=True
-        ):
-            qi, ki, vi = (rearrange(t, "l h d -> 1 h l d") for t in (qi, ki, vi))
-            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m, scale=scale, enable_gqa=True)
-            outs.append(rearrange(o, "1 h l d -> l h d"))
-        return torch.cat(outs)
+        return _sdpa(q, k, v, mask, scale)
     if mask.backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 
@@ -258,6 +252,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask) -> Tensor:
         flash_attn_varlen_func = _import_flash()
         return flash_attn_varlen_func(q, k, v, softmax_scale=scale, **mask.flash_args)
     raise ValueError(f"unknown attention backend {mask.backend!r}; expected one of {ATTN_BACKENDS}")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: PreparedMask, scale: float) -> Tensor:
+    """One SDPA call per sample, with its dense mask (None: the sample's queries see all its keys). (One
+    padded call for the unmasked samples of a batched decode / flow step was measured slower on CPU: the
+    masked kernel costs more than the per-call overhead it saves.)"""
+    spec = mask.spec
+    query_lens = spec.sample_lens if spec.query_lens is None else spec.query_lens
+    outs = []
+    for qi, ki, vi, m in zip(
+        q.split(query_lens), k.split(spec.sample_lens), v.split(spec.sample_lens), mask.sample_masks, strict=True
+    ):
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (qi, ki, vi))  # [1, heads, l, d] views
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=m, scale=scale, enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
 
 
 _COMPILED_FLEX = None

@@ -22,11 +22,11 @@ VERSION = "0.1.0"  # setup.py reads it from here
 # subcommand -> (module, one-line help). Later packages register here.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "model": ("commands.model", "build / load a model, save it, and run a packed forward pass"),
-    "eval": ("eval.cli", "evaluate on GenEval | WISE | ShapesEval"),
+    "eval": ("commands.eval", "evaluate on GenEval | WISE | ShapesEval"),
     "report": ("commands.report", "compare eval runs in markdown + HTML"),
     "data": ("commands.data", "synthesize training data: trajectories | critiques | alignment"),
     "train": ("commands.train", "fine-tune a Bagel model on trajectory datasets"),
-    "generate": ("inference.cli", "generate images + PSIR trajectories from prompts"),
+    "generate": ("commands.generate", "generate images + PSIR trajectories from prompts"),
     "demo": ("commands.demo", "run the whole system on the shapes world: data, fine-tune, PSIR, eval, report"),
 }
 # what counts as the user's error: ours (UserError: ConfigError, CheckpointError, RunDirError, ...), a missing

@@ -395,16 +395,31 @@ def bootstrap_ci(records: dict[int, list[dict]], draws: int = 2000, seed: int = 
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
 
 
+STREAM_KEYS = ("no_image", "format_failure", "plan_ok", "draws_plan", "first_right", "final_right", "overplans",
+               "says_consistent", "inspect_right")
+
+
 def stream_diagnostics(run: Path) -> dict[str, float]:
-    """Where a PSIR run's images go wrong, as fractions of its streams: `no_image` (the stream drew nothing),
-    `format_failure` (it broke the format after its first turn), `plan_ok` (its last plan's <des> is exactly the prompt's scene, by
-    data_gen's plan judge), `draws_plan` (its final image shows its own last <des>: drawing, not planning)."""
+    """Where a PSIR run's images go wrong. Fractions of its streams: `no_image` (the stream drew nothing),
+    `format_failure` (it broke the format after its first turn), `plan_ok` (its last plan's <des> is exactly the
+    prompt's scene, by data_gen's plan judge), `draws_plan` (its final image shows its own last <des>: drawing, not
+    planning), `first_right` / `final_right` (its first / final image shows the prompt's scene: does the loop
+    improve the first draft?), `overplans` (its first <des> names more objects than the prompt). Fractions of its
+    inspect turns: `says_consistent` (the verdict is "consistent"), `inspect_right` (the verdict agrees with the
+    judge on the image before it against the <des> of its plan)."""
     from bagel_ft.trajectory import extract
     from data_gen.backends.shapes import plan_problems
     from eval.run_dir import load_trajectory, read_jsonl
     from scene_graphs.shapes import ParseError, check, parse_prompt
 
-    counts = {"no_image": 0, "format_failure": 0, "plan_ok": 0, "draws_plan": 0}
+    def parse(text: str | None):
+        try:
+            return parse_prompt(text) if text else None
+        except ParseError:
+            return None
+
+    counts = dict.fromkeys(STREAM_KEYS, 0)
+    inspects = 0
     records = read_jsonl(run / "records.jsonl")
     for rec in records:
         traj = load_trajectory(run / rec["trajectory"]) if rec.get("trajectory") else None
@@ -412,16 +427,30 @@ def stream_diagnostics(run: Path) -> dict[str, float]:
         if traj is None:
             continue
         counts["format_failure"] += traj.meta.get("stop_reason") == "format_failure"
-        des = [extract("des", t.text) for t in traj.turns if t.role == "plan"]
-        try:
-            plan = parse_prompt(des[-1]) if des and des[-1] else None
-        except ParseError:
-            plan = None
-        if plan is not None:
-            counts["plan_ok"] += not plan_problems(plan, parse_prompt(rec["prompt"]), final=True)
-            image = traj.final_image()
-            counts["draws_plan"] += image is not None and check(image, plan).consistent
-    return {k: v / max(len(records), 1) for k, v in counts.items()}
+        wanted = parse_prompt(rec["prompt"])
+        images = [traj.images[t.image] for t in traj.turns if t.is_image]
+        if images:
+            counts["first_right"] += check(images[0], wanted).consistent
+            counts["final_right"] += check(images[-1], wanted).consistent
+        plans = [parse(extract("des", t.text)) for t in traj.turns if t.role == "plan"]
+        if plans and plans[0] is not None:
+            counts["overplans"] += len(plans[0].objects) > len(wanted.objects)
+        plan, image = None, None  # the last plan's <des> and the last image before each inspect turn
+        for t in traj.turns:
+            if t.role == "plan":
+                plan = parse(extract("des", t.text))
+            elif t.is_image:
+                image = traj.images[t.image]
+            elif t.role == "inspect":
+                says = "inconsistent" not in t.text
+                inspects += 1
+                counts["says_consistent"] += says
+                counts["inspect_right"] += plan is not None and image is not None and says == check(image, plan).consistent
+        if plans and plans[-1] is not None:
+            counts["plan_ok"] += not plan_problems(plans[-1], wanted, final=True)
+            counts["draws_plan"] += bool(images) and check(images[-1], plans[-1]).consistent
+    per = {"says_consistent": inspects, "inspect_right": inspects}
+    return {k: v / max(per.get(k, len(records)), 1) for k, v in counts.items()}
 
 
 def spread(per_seed: dict[int, dict]) -> dict[str, dict[str, float]]:
@@ -469,7 +498,7 @@ def markdown(results: dict[str, Any]) -> str:
                                         f"{cost.get('flow_steps', 0):.0f}", tokens]) + " |")  # fmt: skip
     psir = [row for row in rows if row["streams"]]
     if psir:
-        keys = ("no_image", "format_failure", "plan_ok", "draws_plan")
+        keys = [k for k in STREAM_KEYS if all(k in row["streams"] for row in psir)]  # older results lack some
         lines += ["", "| arm | PSIR streams: " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
         lines += [
             f"| {row['arm']} | " + " | ".join(f"{100 * row['streams'][k]:.0f}%" for k in keys) + " |" for row in psir

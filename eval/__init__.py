@@ -6,7 +6,7 @@
   wise.py         WISE prompts, the WISE judge protocol over an OpenAI-compatible VLM, WiScore
   shapes_eval.py  the shapes world's exact benchmark, scored by the pixel-level judge
   report.py       markdown + HTML comparison of runs
-  cli.py          `bagel-ft eval` (`bagel-ft report`: commands/report.py)
+  (`bagel-ft eval` and `bagel-ft report`: commands/eval.py, commands/report.py)
 
 Layering: builds on `inference` (drawing) and `scene_graphs.shapes` (the judge); never on `training`.
 """

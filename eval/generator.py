@@ -10,9 +10,14 @@ single-pass / PSIR / scaled mode, an oracle, or a test double. `load_generator(s
   debug:noise         deterministic noise images, zero cost: CPU smoke runs of the eval plumbing only
   py:MODULE:FACTORY   `FACTORY(mode=...)` from an importable module: plug in any generator
 
+Many samples: `generate_many(generator, jobs, batch_size)` draws every (prompt, seed) job and yields each
+Generation as it finishes; a generator with its own `generate_many(jobs, batch_size)` (our model) runs
+them batched, each sample seeded by itself (the same images as one at a time), others run one by one.
+
 Cost accounting (`Generation.cost`, per generated sample, i.e. per prompt drawn once):
   images      images the model generated (drafts included), flow_steps  denoising steps in total,
-  tokens      text tokens generated, wall_s  seconds of wall time (filled in by `generate` if absent).
+  tokens      text tokens generated, wall_s  seconds of wall time (filled in by `generate` if absent;
+              in a batch, the sample's share: each step's time split evenly among the samples in it).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import hashlib
 import importlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -57,10 +63,29 @@ def generate(generator: ImageGenerator, prompt: str, seed: int) -> Generation:
     """Call `generator`, timing it when it does not report wall time itself. A generator that gave up
     (no final image, e.g. a PSIR stream that never drew) is scored on a black image, flagged `no_image`."""
     start = time.perf_counter()
-    gen = generator(prompt, seed)
+    return _finish(generator(prompt, seed), time.perf_counter() - start)
+
+
+def generate_many(generator: ImageGenerator, jobs: list[tuple[str, int]],
+                  batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
+    """`generate` for every (prompt, seed) job -> (index in jobs, Generation) as each one finishes. A
+    generator with a `generate_many(jobs, batch_size)` method runs them batched (batch_size None: its
+    default), any other one job after the other."""
+    if hasattr(generator, "generate_many"):
+        start = time.perf_counter()
+        for index, gen in generator.generate_many(jobs, batch_size):
+            yield index, _finish(gen, time.perf_counter() - start)
+            start = time.perf_counter()
+        return
+    for index, (prompt, seed) in enumerate(jobs):
+        yield index, generate(generator, prompt, seed)
+
+
+def _finish(gen: Any, wall_s: float) -> Generation:
+    """A generator's answer as a Generation: wall time if it reported none, black stand-in if no image."""
     if not isinstance(gen, Generation):
         gen = Generation(gen.image, getattr(gen, "trajectory", None), _cost_dict(getattr(gen, "cost", None)))
-    gen.cost.setdefault("wall_s", time.perf_counter() - start)
+    gen.cost.setdefault("wall_s", wall_s)
     if gen.failure is None and gen.trajectory is not None:
         gen.failure = gen.trajectory.meta.get("failure")
     if gen.trajectory is not None and not gen.trajectory.turns:
@@ -140,7 +165,16 @@ class InferenceGenerator:
         return other
 
     def __call__(self, prompt: str, seed: int) -> Generation:
-        result = self._generator.generate(prompt, mode=self.mode, seed=seed)
+        return self._generation(self._generator.generate(prompt, mode=self.mode, seed=seed))
+
+    def generate_many(self, jobs: list[tuple[str, int]],
+                      batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
+        """Every (prompt, seed) job batched (`inference.Generator.generate_many`; None = its default size)."""
+        for index, result in self._generator.generate_many(jobs, mode=self.mode, batch_size=batch_size):
+            yield index, self._generation(result)
+
+    @staticmethod
+    def _generation(result: Any) -> Generation:
         traj = result.trajectory if result.trajectory is not None and result.trajectory.turns else None
         failure = result.trajectory.meta.get("failure") if result.trajectory is not None else None
         return Generation(image=result.image, trajectory=traj, cost=_cost_dict(result.cost), failure=failure)

@@ -11,7 +11,8 @@ Generation writes the official layout, which the official scorer reads unchanged
 Folders keep the prompt's line index in the metadata file, so subsets (`--subset`, `--limit`) of one
 run and of different runs line up. A prompt folder appears only by renaming a complete temporary
 folder into place, so a killed run never leaves a folder that looks finished; a folder whose samples
-0..N-1 are all present is never regenerated.
+0..N-1 are all present is never regenerated. Samples of several prompts are drawn `batch_size` at a time
+(the same images as one at a time); a `shard` (inference.sharding) draws every N-th prompt's folder.
 
 Scoring is the official scorer (Mask2Former + CLIP; it needs mmdet and CUDA, and asserts CUDA). Install:
 
@@ -44,20 +45,19 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from eval.generator import ImageGenerator, generate, sample_seed
+from common.atomic import clean_tmp, make_tmp_dir, move_into_place, replacing
+from eval.generator import Generation, ImageGenerator, generate_many, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
     SUMMARY_FILE,
-    TMP_PREFIX,
-    clean_tmp,
     cost_per_sample,
-    make_tmp_dir,
     read_jsonl,
     record,
     save_trajectory,
     write_json_atomic,
     write_jsonl_atomic,
 )
+from inference.sharding import Shard
 
 TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
 RESULTS_FILE = "results.jsonl"
@@ -115,58 +115,82 @@ def generate_geneval(
     limit: int | None = None,
     grid: bool = False,
     progress: bool = True,
+    batch_size: int | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
-    """Draw `n` samples for every selected prompt into the official layout; returns
+    """Draw `n` samples for every selected prompt (of this `shard`'s prompts) into the official layout,
+    `batch_size` samples in flight (None: the generator's default); returns
     {"prompts", "generated_prompts", "skipped_prompts", "generated_samples"}."""
     out = Path(out)
-    clean_tmp(out)
-    entries = select_prompts(load_metadata(metadata), subset, limit)
+    shard = shard or Shard()
+    if shard.count == 1:  # shards cannot tell another shard's work in progress from debris: scoring cleans
+        clean_tmp(out)
+    entries = shard.select(select_prompts(load_metadata(metadata), subset, limit))
     stats = dict(prompts=len(entries), generated_prompts=0, skipped_prompts=0, generated_samples=0)
-    for index, line, meta in tqdm(entries, desc="geneval", disable=not progress):
+    folders = []
+    for index, line, meta in entries:
         folder = out / f"{index:05d}"
         if prompt_complete(folder, n, line, grid):
             stats["skipped_prompts"] += 1
-            continue
-        stats["generated_samples"] += _build_prompt_folder(folder, index, line, meta, generator, n, seed, grid)
-        stats["generated_prompts"] += 1
+        else:
+            folders.append(_PromptFolder(folder, index, line, meta, n, grid))
+    for f in folders:
+        if not f.todo:  # every sample there, the grid missing
+            f.finish()
+            stats["generated_prompts"] += 1
+    jobs = [(f, s) for f in folders for s in sorted(f.todo)]
+    requests = [(f.meta["prompt"], sample_seed(seed, f.index, s)) for f, s in jobs]
+    for i, g in tqdm(generate_many(generator, requests, batch_size), desc="geneval", total=len(jobs),
+                     disable=not progress):
+        folder, sample = jobs[i]
+        if folder.add(sample, requests[i][1], g):  # its last sample: the folder is in place
+            stats["generated_prompts"] += 1
+        stats["generated_samples"] += 1
     return stats
 
 
-def _build_prompt_folder(
-    folder: Path, index: int, line: bytes, meta: dict, generator: ImageGenerator, n: int, seed: int, grid: bool
-) -> int:
-    """Complete `folder` in a temporary copy (keeping samples already there), then swap it into place."""
-    tmp = make_tmp_dir(folder.parent, folder.name)
-    if folder.exists():  # a finished folder from a run with smaller n (or no grid): extend it
-        shutil.copytree(folder, tmp, dirs_exist_ok=True)
-    (tmp / "metadata.jsonl").write_bytes(line)
-    (tmp / "samples").mkdir(exist_ok=True)
-    gens = {row["sample"]: row for row in read_jsonl(tmp / GEN_FILE)}
-    drawn = 0
-    for s in range(n):
-        path = tmp / "samples" / sample_name(s)
-        if path.exists():
-            continue
-        sd = sample_seed(seed, index, s)
-        g = generate(generator, meta["prompt"], sd)
-        g.image.convert("RGB").save(path)
+class _PromptFolder:
+    """One prompt's folder, completed in a temporary copy (samples already there are kept) that replaces it
+    once its last missing sample is drawn."""
+
+    def __init__(self, folder: Path, index: int, line: bytes, meta: dict, n: int, grid: bool):
+        self.folder, self.index, self.line, self.meta, self.n, self.grid = folder, index, line, meta, n, grid
+        self.tmp: Path | None = None  # made when the first sample arrives
+        self.todo = {s for s in range(n) if not (folder / "samples" / sample_name(s)).exists()}
+        self.gens: dict[int, dict] = {}
+
+    def _open(self) -> None:
+        if self.tmp is None:
+            self.tmp = make_tmp_dir(self.folder.parent, self.folder.name)
+            if self.folder.exists():  # a finished folder from a run with smaller n (or no grid): extend it
+                shutil.copytree(self.folder, self.tmp, dirs_exist_ok=True)
+            (self.tmp / "metadata.jsonl").write_bytes(self.line)
+            (self.tmp / "samples").mkdir(exist_ok=True)
+            self.gens = {row["sample"]: row for row in read_jsonl(self.tmp / GEN_FILE)}
+
+    def add(self, sample: int, seed: int, g: Generation) -> bool:
+        """Write one sample into the temporary copy -> True when that completed the folder (now in place)."""
+        self._open()
+        g.image.convert("RGB").save(self.tmp / "samples" / sample_name(sample))
         traj = None
         if g.trajectory is not None:
-            traj = f"trajectories/{s:04d}.traj"
-            save_trajectory(tmp / traj, g.trajectory)
-        gens[s] = {"sample": s, "seed": sd, "cost": g.cost, "trajectory": traj, "no_image": g.no_image}
-        drawn += 1
-    (tmp / GEN_FILE).write_text("".join(json.dumps(gens[s], sort_keys=True) + "\n" for s in sorted(gens)))
-    if grid:
-        make_grid([Image.open(tmp / "samples" / sample_name(s)) for s in range(n)]).save(tmp / "grid.png")
-    if folder.exists():
-        old = folder.parent / f"{TMP_PREFIX}old-{folder.name}-{os.getpid()}"
-        os.rename(folder, old)
-        os.rename(tmp, folder)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, folder)
-    return drawn
+            traj = f"trajectories/{sample:04d}.traj"
+            save_trajectory(self.tmp / traj, g.trajectory)
+        self.gens[sample] = {"sample": sample, "seed": seed, "cost": g.cost, "trajectory": traj, "no_image": g.no_image}
+        self.todo.discard(sample)
+        if self.todo:
+            return False
+        self.finish()
+        return True
+
+    def finish(self) -> None:
+        """gen.jsonl (+ grid) into the temporary copy, then swap it into place."""
+        self._open()
+        tmp, folder = self.tmp, self.folder
+        (tmp / GEN_FILE).write_text("".join(json.dumps(self.gens[s], sort_keys=True) + "\n" for s in sorted(self.gens)))
+        if self.grid:
+            make_grid([Image.open(tmp / "samples" / sample_name(s)) for s in range(self.n)]).save(tmp / "grid.png")
+        move_into_place(tmp, folder)
 
 
 def make_grid(images: list[Image.Image]) -> Image.Image:
@@ -201,10 +225,9 @@ def find_official_scorer(repo: str | None = None) -> tuple[Path | None, str]:
 def run_official_scorer(out: str | Path, script: Path, model_path: str, python: str = sys.executable) -> Path:
     """Run evaluate_images.py over `out`; results.jsonl appears only when the scorer finished."""
     out = Path(out).resolve()
-    tmp = out / f"{TMP_PREFIX}{RESULTS_FILE}"
-    cmd = [python, str(script), str(out), "--outfile", str(tmp), "--model-path", model_path]
-    subprocess.run(cmd, cwd=script.parent.parent, check=True)
-    os.replace(tmp, out / RESULTS_FILE)
+    with replacing(out / RESULTS_FILE) as tmp:
+        cmd = [python, str(script), str(out), "--outfile", str(tmp), "--model-path", model_path]
+        subprocess.run(cmd, cwd=script.parent.parent, check=True)
     return out / RESULTS_FILE
 
 
@@ -270,6 +293,7 @@ def score_geneval(
     """Score a generated run: (re)run the official scorer when results.jsonl is missing or stale and the
     scorer is available, then write records.jsonl + summary.json. Returns the summary (None: unscored)."""
     out = Path(out)
+    clean_tmp(out)  # debris of killed shards (they leave it: see generate_geneval); the scorer reads every folder
     results = read_jsonl(out / RESULTS_FILE)
     if not results or not results_cover_samples(out, results):
         script, why = find_official_scorer(repo)

@@ -52,6 +52,12 @@ def save_png_atomic(path: str | Path, image: Image.Image) -> None:
     write_bytes_atomic(path, image_to_png(image))
 
 
+def clean_sample_dirs(out: str | Path) -> None:
+    """`clean_tmp` of the per-sample folders images/, gen/, trajectories/ (ShapesEval's and WISE's layout)."""
+    for d in ("images", "gen", "trajectories"):
+        clean_tmp(Path(out) / d)
+
+
 # ---- jsonl -------------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
@@ -125,6 +131,20 @@ def load_trajectory(path: str | Path) -> Trajectory:
     row = json.loads((path / "record.json").read_text())
     row["images"] = [(path / name).read_bytes() for name in row["images"]]
     return Trajectory.from_row(row)
+
+
+def save_sample(out: Path, stem: str, generation: Any, seed: int, ids: dict[str, Any]) -> None:
+    """One generated sample in the images/ gen/ trajectories/ layout (ShapesEval, WISE): its trajectory folder
+    (when there is one), gen/<stem>.json (`ids`, seed, cost, trajectory path, no_image, the format failure that
+    ended a PSIR stream), then images/<stem>.png, written last: the PNG marks the sample as done."""
+    traj = None
+    if generation.trajectory is not None:
+        traj = f"trajectories/{stem}.traj"
+        save_trajectory(out / traj, generation.trajectory)
+    write_json_atomic(out / "gen" / f"{stem}.json", {**ids, "seed": seed, "cost": generation.cost, "trajectory": traj,
+                                                     "no_image": generation.no_image,
+                                                     "failure": generation.failure})
+    save_png_atomic(out / "images" / f"{stem}.png", generation.image)
 
 
 # ---- a scored image ----------------------------------------------------------------------------------

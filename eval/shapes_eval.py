@@ -18,8 +18,9 @@ count (exactly the asked number of matching objects), position (the relation hol
 `geneval_rule` is GenEval's own, looser decision rule (`shapes.geneval_style_score`: at least the asked
 objects, extras allowed) on the same pixels, for GenEval's six categories only (its rule checks the colors
 of the top-`count` objects of a class, so it misjudges the harder categories' same-shape, two-color prompts).
-Generation resumes image by image (each PNG appears atomically, last); scoring re-judges every image
-(the judge is a deterministic function of the pixels, milliseconds per image).
+Generation resumes image by image (each PNG appears atomically, last), draws `batch_size` samples at once
+(the same images as one at a time) and, with a `shard` (inference.sharding), only every N-th prompt; scoring
+re-judges every image (the judge is a deterministic function of the pixels, milliseconds per image).
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from eval.generator import ImageGenerator, generate, sample_seed
+from eval.generator import ImageGenerator, generate_many, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
     SUMMARY_FILE,
-    clean_tmp,
+    clean_sample_dirs,
     cost_per_sample,
     record,
-    save_png_atomic,
-    save_trajectory,
+    save_sample,
     write_json_atomic,
     write_jsonl_atomic,
 )
+from inference.sharding import Shard
 
 SUB_CHECKS = ("shape", "color", "count", "position")
 NO_IMAGE_REASON = "the generator returned no image (judged on a black stand-in)"
@@ -87,32 +88,30 @@ def sample_key(index: int, sample: int) -> str:
 
 
 def generate_shapes(
-    generator: ImageGenerator, prompts: list[dict], out: str | Path, *, n: int = 4, seed: int = 0, progress: bool = True
+    generator: ImageGenerator,
+    prompts: list[dict],
+    out: str | Path,
+    *,
+    n: int = 4,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
-    """`n` samples per prompt; an image already on disk is kept (its PNG is written last, atomically)."""
+    """`n` samples per prompt (of this `shard`'s prompts), `batch_size` in flight (None: the generator's
+    default); an image already on disk is kept (its PNG is written last, atomically)."""
     out = Path(out)
-    for d in ("images", "gen", "trajectories"):
-        clean_tmp(out / d)
-    stats = dict(images=len(prompts) * n, generated=0, skipped=0)
-    for p in tqdm(prompts, desc="shapes", disable=not progress):
-        for s in range(n):
-            key = sample_key(p["index"], s)
-            if (out / "images" / f"{key}.png").exists():
-                stats["skipped"] += 1
-                continue
-            sd = sample_seed(seed, p["index"], s)
-            g = generate(generator, p["prompt"], sd)
-            traj = None
-            if g.trajectory is not None:
-                traj = f"trajectories/{key}.traj"
-                save_trajectory(out / traj, g.trajectory)
-            write_json_atomic(
-                out / "gen" / f"{key}.json",
-                {"key": key, "seed": sd, "cost": g.cost, "trajectory": traj, "no_image": g.no_image,
-                 "failure": g.failure},
-            )
-            save_png_atomic(out / "images" / f"{key}.png", g.image)
-            stats["generated"] += 1
+    shard = shard or Shard()
+    if shard.count == 1:  # shards cannot tell another shard's writes in progress from debris: scoring cleans
+        clean_sample_dirs(out)
+    units = [(p, s) for p in shard.select(prompts) for s in range(n)]
+    todo = [(p, s) for p, s in units if not (out / "images" / f"{sample_key(p['index'], s)}.png").exists()]
+    stats = dict(images=len(units), generated=0, skipped=len(units) - len(todo))
+    jobs = [(p["prompt"], sample_seed(seed, p["index"], s)) for p, s in todo]
+    for i, g in tqdm(generate_many(generator, jobs, batch_size), desc="shapes", total=len(jobs), disable=not progress):
+        key = sample_key(todo[i][0]["index"], todo[i][1])
+        save_sample(out, key, g, jobs[i][1], {"key": key})
+        stats["generated"] += 1
     return stats
 
 
@@ -138,6 +137,7 @@ def score_shapes(out: str | Path, prompts: list[dict], *, n: int = 4, progress: 
     from scene_graphs import shapes
 
     out = Path(out)
+    clean_sample_dirs(out)
     records = []
     for p in tqdm(prompts, desc="shapes judge", disable=not progress):
         for s in range(n):

@@ -48,18 +48,18 @@ from common.endpoint import (
     png_part,
     resolve_api_key,
 )
-from eval.generator import ImageGenerator, generate, sample_seed
+from eval.generator import ImageGenerator, generate_many, sample_seed
 from eval.run_dir import (
     RECORDS_FILE,
     SUMMARY_FILE,
-    clean_tmp,
+    clean_sample_dirs,
     cost_per_sample,
     record,
-    save_png_atomic,
-    save_trajectory,
+    save_sample,
     write_json_atomic,
     write_jsonl_atomic,
 )
+from inference.sharding import Shard
 
 # prompt_id ranges of the six categories (WISE_legacy/data + wise_*.py) and their weights in the overall
 CATEGORIES = {
@@ -125,29 +125,28 @@ def image_path(out: Path, prompt_id: int) -> Path:
 
 
 def generate_wise(
-    generator: ImageGenerator, prompts: list[dict], out: str | Path, *, seed: int = 0, progress: bool = True
+    generator: ImageGenerator,
+    prompts: list[dict],
+    out: str | Path,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    batch_size: int | None = None,
+    shard: Shard | None = None,
 ) -> dict[str, int]:
-    """One image per prompt; an image already on disk is kept (the PNG is written last, atomically)."""
+    """One image per prompt (of this `shard`'s prompts), `batch_size` in flight (None: the generator's
+    default); an image already on disk is kept (the PNG is written last, atomically)."""
     out = Path(out)
-    for d in ("images", "gen", "trajectories"):
-        clean_tmp(out / d)
-    stats = dict(prompts=len(prompts), generated=0, skipped=0)
-    for p in tqdm(prompts, desc="wise", disable=not progress):
-        pid = p["prompt_id"]
-        if image_path(out, pid).exists():
-            stats["skipped"] += 1
-            continue
-        sd = sample_seed(seed, pid, 0)
-        g = generate(generator, p["Prompt"], sd)
-        traj = None
-        if g.trajectory is not None:
-            traj = f"trajectories/{pid}.traj"
-            save_trajectory(out / traj, g.trajectory)
-        write_json_atomic(
-            out / "gen" / f"{pid}.json",
-            {"prompt_id": pid, "seed": sd, "cost": g.cost, "trajectory": traj, "no_image": g.no_image},
-        )
-        save_png_atomic(image_path(out, pid), g.image)
+    shard = shard or Shard()
+    if shard.count == 1:  # shards cannot tell another shard's writes in progress from debris: scoring cleans
+        clean_sample_dirs(out)
+    mine = shard.select(prompts)
+    todo = [p for p in mine if not image_path(out, p["prompt_id"]).exists()]
+    stats = dict(prompts=len(mine), generated=0, skipped=len(mine) - len(todo))
+    jobs = [(p["Prompt"], sample_seed(seed, p["prompt_id"], 0)) for p in todo]
+    for i, g in tqdm(generate_many(generator, jobs, batch_size), desc="wise", total=len(jobs), disable=not progress):
+        pid = todo[i]["prompt_id"]
+        save_sample(out, str(pid), g, jobs[i][1], {"prompt_id": pid})
         stats["generated"] += 1
     return stats
 
@@ -341,6 +340,7 @@ class Judge:
 def judge_wise(out: str | Path, prompts: list[dict], config: JudgeConfig, *, progress: bool = True) -> dict[str, Any]:
     """Judge every generated image of `prompts`; writes records.jsonl, scores_results.jsonl, summary.json."""
     out = Path(out)
+    clean_sample_dirs(out)
     judge = Judge(config, out / "judge_cache")
     todo = [p for p in prompts if image_path(out, p["prompt_id"]).exists()]
 

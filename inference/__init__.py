@@ -4,8 +4,9 @@
     result = Generator.from_pretrained(ckpt, GenerateOptions(mode="psir")).generate("a red circle", seed=0)
 
 Layers: `settings` (every option) ; `kv_cache` (in-place, forkable KV cache) -> `engine` (contexts,
-decoding, flow sampling) -> `psir` (the loop) -> `scaling` (P x I x k search with `verifiers`) -> `api` /
-`cli`; `html` renders a trajectory. The OpenAI-compatible chat client of the `vlm` critic is `common.endpoint`.
+decoding, flow sampling, written as `batching` programs: alone, or many samples per packed forward) -> `psir`
+(the loop) -> `scaling` (P x I x k search with `verifiers`) -> `api` (`bagel-ft generate`: commands/generate.py); `sharding` splits prompts over
+processes; `html` renders a trajectory. The OpenAI-compatible chat client of the `vlm` critic is `common.endpoint`.
 """
 
 from inference.settings import GenerateOptions

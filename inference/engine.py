@@ -6,7 +6,8 @@ shared/reference/README.md sections 4-5); the structure is ours:
   * A `Context` is the official `{kv_lens, ropes, past_key_values}` of one sample: a `KVCache` (its length
     is kv_lens) and `rope`, the next RoPE id. `fork()` is O(1) (copy-on-write cache), which is how the CFG
     contexts, parallel streams and rollbacks share their prefix without recomputing it.
-  * Cache updates append one segment: a text segment (causal, und expert, consecutive RoPE ids, rope +=
+  * Cache updates append one segment, laid out by `bagel_ft.segments` (the packer's rule): a text segment
+    (causal, und expert, consecutive RoPE ids, rope +=
     tokens), a clean VAE image (<|vision_start|> latents <|vision_end|>, bidirectional, t = 0, latents on
     the gen expert, one RoPE id, rope += 1) or a ViT image (same layout, und expert, rope += 1).
   * Text decoding feeds tokens one at a time on the cache (greedy / temperature / top-p, seeded). Every
@@ -17,6 +18,10 @@ shared/reference/README.md sections 4-5); the structure is ours:
     schedule (`bagel_ft.flow`); each step runs the conditional context and, inside the CFG interval, the
     cfg_text context (the state before the last text) and the cfg_img context (the texts only), combined
     by `bagel_ft.flow.cfg_combine`. Flow forwards `peek()` the caches: they never update them.
+  * Batching: every method above that runs the model is a program (`inference.batching`): it yields ops
+    (`inference.tick`: Tokens, Velocity, CleanImage, DecodeLatent), and `execute(ops)` runs a whole tick of
+    them — the CFG branches of a step, or the steps of many samples (`run_batched`) — as ONE packed LLM forward
+    in which each sample attends only to its own context. Called directly, a method runs alone, as before.
 
 Shapes: H hidden, V vocab, N latent tokens of one image, D = p*p*z latent token features.
 """
@@ -30,15 +35,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from bagel_ft.attention import AttentionSpec
-from bagel_ft.embeddings import latent_position_ids, patchify_latent, unpatchify_latent
 from bagel_ft.flow import cfg_combine, euler_step, in_cfg_interval, inference_schedule
-from bagel_ft.siglip import patchify_image, vit_position_ids
 from bagel_ft.tokenizer import ByteTokenizer, load_tokenizer
 from bagel_ft.transforms import ImageGeometry, prepare_image
+from inference.batching import Steps, batchable
 from inference.kv_cache import KVCache
 from inference.sampling import sample_token
 from inference.settings import FlowSettings, TextSettings
+from inference.tick import CleanImage, DecodeLatent, Tokens, Velocity, execute
 
 # ---- contexts -----------------------------------------------------------------------------------------
 
@@ -80,7 +84,10 @@ class FlowTrace:
 
 
 class Engine:
-    """A `bagel_ft.Bagel` (with its VAE attached) + tokenizer, driven like the official inferencer."""
+    """A `bagel_ft.Bagel` (with its VAE attached) + tokenizer, driven like the official inferencer.
+
+    Every method below that touches the model is a program (`inference.batching.batchable`): called, it runs
+    alone; its `.steps(...)` is the program, which `run_batched` runs together with others."""
 
     def __init__(self, model, tokenizer, geometry: ImageGeometry | None = None):
         self.model = model.eval()
@@ -108,79 +115,46 @@ class Engine:
     def new_context(self) -> Context:
         return Context(KVCache(self.config.llm.num_hidden_layers))
 
-    # ---- the one LLM call ---------------------------------------------------------------------------
-    def _forward(self, ctx: Context, seq: Tensor, position_ids: Tensor, attn_mode: str, mode: str = "und",
-                 gen_indexes: Tensor | None = None, store: bool = True) -> Tensor:
-        """Run new tokens `seq` [L, H] after `ctx`'s cache -> final hidden [L, H]; append them iff `store`."""
-        spec = AttentionSpec.with_cache([ctx.kv_len], [seq.shape[0]], attn_mode)
-        cache = ctx.cache if store else ctx.cache.peek()
-        return self.model.language_model(seq, position_ids, spec, mode=mode, gen_indexes=gen_indexes, cache=cache)
-
     def _ids(self, ids) -> Tensor:
         return torch.as_tensor(ids, dtype=torch.long, device=self.device)
 
-    # ---- cache updates (official forward_cache_update_*) ---------------------------------------------------
-    @torch.no_grad()
-    def feed_tokens(self, ctx: Context, ids: list[int], all_logits: bool = False) -> Tensor:
+    # ---- one tick: every op of every program in flight --------------------------------------------------
+    def execute(self, ops: list) -> list:
+        """Run one tick of ops (`inference.tick`) -> their results, in order: one packed LLM forward."""
+        return execute(self, ops)
+
+    @batchable
+    def feed_tokens(self, ctx: Context, ids: list[int], all_logits: bool = False) -> Steps[Tensor]:
         """Append text tokens (causal, und, RoPE ids rope..rope+n-1; rope += n) -> logits [V] after the
         last token ([n, V] after each one when `all_logits`)."""
-        n = len(ids)
-        seq = self.model.embed_text(self._ids(ids))
-        hidden = self._forward(ctx, seq, torch.arange(ctx.rope, ctx.rope + n, device=self.device), "causal")
-        ctx.rope += n
-        lm_head = self.model.language_model.lm_head
-        return (lm_head(hidden) if all_logits else lm_head(hidden[-1])).float()
+        (logits,) = yield [Tokens(ctx, list(ids), all_logits)]
+        return logits
 
-    def update_text(self, ctx: Context, text: str | list[int]) -> Tensor:
+    @batchable
+    def update_text(self, ctx: Context, text: str | list[int]) -> Steps[Tensor]:
         """A text segment `<|im_start|> text <|im_end|>` (the prompt, or a given text turn) -> logits after
         `<|im_end|>`."""
         ids = self.tokenizer.encode(text) if isinstance(text, str) else list(text)
-        return self.feed_tokens(ctx, [self.tokenizer.bos_id, *ids, self.tokenizer.eos_id])
+        return (yield from self.feed_tokens.steps(ctx, [self.tokenizer.bos_id, *ids, self.tokenizer.eos_id]))
 
-    def _image_block(self, ctx: Context, inner: Tensor, mode: str, store: bool = True) -> Tensor:
-        """`<|vision_start|> inner <|vision_end|>` at ctx.rope, bidirectional (gen mode: inner rows on the gen
-        expert) -> final hidden [n + 2, H]. Stored: appended to the cache, rope += 1 (a clean image);
-        not stored: the official `_forward_flow` (a noisy image, cache untouched)."""
-        tok = self.tokenizer
-        ends = self.model.embed_text(self._ids([tok.vision_start_id, tok.vision_end_id]))
-        seq = torch.cat([ends[:1], inner.to(ends.dtype), ends[1:]])
-        n = inner.shape[0]
-        gen = torch.arange(1, n + 1, device=self.device) if mode == "gen" else None
-        hidden = self._forward(ctx, seq, torch.full((n + 2,), ctx.rope, device=self.device), "full", mode, gen, store)
-        if store:
-            ctx.rope += 1
-        return hidden
-
-    @torch.no_grad()
-    def update_vae(self, ctx: Context, image: Image.Image | Tensor) -> None:
+    @batchable
+    def update_vae(self, ctx: Context, image: Image.Image | Tensor) -> Steps[None]:
         """A clean VAE image (t = 0; latents on the gen expert). PIL images are resized like training;
         a tensor [3, H, W] in [-1, 1] is taken as is (H, W multiples of latent_downsample)."""
-        x = image if isinstance(image, Tensor) else self.prepare_image(image, "vae")
-        p, f = self.config.arch.latent_patch_size, self.config.latent_downsample
-        h, w = x.shape[1] // f, x.shape[2] // f
-        latent = self.model.encode_images(x[None].to(self.device))[0]
-        tokens = patchify_latent(latent[:, : h * p, : w * p], p)
-        pos = latent_position_ids(h, w, self.config.arch.max_latent_size).to(self.device)
-        t = torch.zeros(tokens.shape[0], device=self.device)
-        self._image_block(ctx, self.model.embed_vae_latents(tokens, t, pos), "gen")
+        yield [CleanImage(ctx, image if isinstance(image, Tensor) else self.prepare_image(image, "vae"), "vae")]
 
-    @torch.no_grad()
-    def update_vit(self, ctx: Context, image: Image.Image | Tensor) -> None:
+    @batchable
+    def update_vit(self, ctx: Context, image: Image.Image | Tensor) -> Steps[None]:
         """A ViT (understanding) image; PIL images are resized like training, tensors taken as is."""
-        x = image if isinstance(image, Tensor) else self.prepare_image(image, "vit")
-        patch = self.config.vit.patch_size
-        h, w = x.shape[1] // patch, x.shape[2] // patch
-        tokens = patchify_image(x.to(self.device, self.dtype), patch)
-        pos = vit_position_ids(h, w, self.config.arch.vit_max_num_patch_per_side).to(self.device)
-        emb = self.model.embed_vit(tokens, pos, torch.tensor([h * w], device=self.device))
-        self._image_block(ctx, emb, "und")
+        yield [CleanImage(ctx, image if isinstance(image, Tensor) else self.prepare_image(image, "vit"), "vit")]
 
-    def update_image(self, ctx: Context, image: Image.Image, vae: bool = True, vit: bool = True) -> None:
+    @batchable
+    def update_image(self, ctx: Context, image: Image.Image, vae: bool = True, vit: bool = True) -> Steps[None]:
         """An image as context, the way training lays out a given or generated image: clean VAE, then ViT."""
         if vae:
-            self.update_vae(ctx, image)
+            yield from self.update_vae.steps(ctx, image)
         if vit:
-            self.update_vit(ctx, image)
+            yield from self.update_vit.steps(ctx, image)
 
     def prepare_image(self, image: Image.Image, which: str) -> Tensor:
         """PIL -> [3, H, W] in [-1, 1], resized for the VAE or ViT encoder like training."""
@@ -190,22 +164,22 @@ class Engine:
         return prepare_image(image, g.vit_max_size, g.vit_min_size, self.config.vit.patch_size, g.max_pixels)
 
     # ---- text ------------------------------------------------------------------------------------------
-    @torch.no_grad()
+    @batchable
     def decode_text(self, ctx: Context, settings: TextSettings | None = None, generator: torch.Generator | None = None,
                     prefix: list[int] = (), stop_ids: tuple[int, ...] | None = None, start_id: int | None = None,
-                    keep_step_logits: bool = False) -> DecodeResult:
+                    keep_step_logits: bool = False) -> Steps[DecodeResult]:
         """Feed `start_id` (bos) and the forced `prefix`, then sample until a stop token (fed too) or
         `max_tokens` generated tokens (forced ones count). Appends everything fed to `ctx`."""
         s = settings or TextSettings()
         stop = set(stop_ids if stop_ids is not None else (self.tokenizer.eos_id,))
         start = self.tokenizer.bos_id if start_id is None else start_id
         ids = list(prefix)
-        logits = self.feed_tokens(ctx, [start, *ids], all_logits=keep_step_logits)
+        logits = yield from self.feed_tokens.steps(ctx, [start, *ids], all_logits=keep_step_logits)
         steps = [logits] if keep_step_logits else []
         last = logits[-1] if keep_step_logits else logits
         while not (ids and ids[-1] in stop) and len(ids) < s.max_tokens:
             ids.append(sample_token(last, s.temperature, s.top_p, generator))
-            last = self.feed_tokens(ctx, ids[-1:])
+            last = yield from self.feed_tokens.steps(ctx, ids[-1:])
             if keep_step_logits:
                 steps.append(last[None])
         return DecodeResult(ids=ids, finished=bool(ids) and ids[-1] in stop, last_logits=last,
@@ -247,45 +221,42 @@ class Engine:
             raise ValueError(f"image size {height}x{width} exceeds the latent table ({side * f} px per side max)")
         return h, w
 
-    @torch.no_grad()
-    def velocity(self, ctx: Context, x_t: Tensor, t: float, h: int, w: int) -> Tensor:
+    @batchable
+    def velocity(self, ctx: Context, x_t: Tensor, t: float, h: int, w: int) -> Steps[Tensor]:
         """One flow forward of the official `_forward_flow` for one context (cache untouched): the latent
         tokens x_t [N, D] at time t, placed at ctx.rope -> velocity [N, D] (float32)."""
-        n = h * w
-        pos = latent_position_ids(h, w, self.config.arch.max_latent_size).to(self.device)
-        tt = torch.full((n,), float(t), device=self.device)
-        self._check_tokens(x_t, n)
-        inner = self.model.embed_vae_latents(x_t.to(self.device), tt, pos)
-        hidden = self._image_block(ctx, inner, "gen", store=False)
-        return self.model.predict_velocity(hidden[1:-1]).float()
+        (v,) = yield [Velocity(ctx, x_t, t, h, w)]
+        return v
 
-    def _check_tokens(self, x_t: Tensor, n: int) -> None:
+    def check_tokens(self, x_t: Tensor, n: int) -> None:
         if x_t.shape != (n, self.config.patch_latent_dim):
             raise ValueError(f"latent tokens: expected shape ({n}, {self.config.patch_latent_dim}), got {tuple(x_t.shape)}")
 
-    @torch.no_grad()
+    @batchable
     def generate_latent(self, gen: Context, cfg_text: Context | None, cfg_img: Context | None,
                         settings: FlowSettings | None = None, generator: torch.Generator | None = None,
-                        x_init: Tensor | None = None, trace: FlowTrace | None = None) -> Tensor:
+                        x_init: Tensor | None = None, trace: FlowTrace | None = None) -> Steps[Tensor]:
         """Euler-integrate from noise (x_init, else randn from `generator`) to latent tokens [N, D] (float32).
 
         gen: the full context; cfg_text: the context before the last text (needed when cfg_text_scale > 1);
-        cfg_img: the context of the texts only (needed when cfg_img_scale > 1)."""
+        cfg_img: the context of the texts only (needed when cfg_img_scale > 1). The CFG branches of a step
+        are one packed forward (one tick)."""
         s = settings or FlowSettings()
         h, w = self.latent_grid(*self.image_size(s))
         n, d = h * w, self.config.patch_latent_dim
         x = x_init.float().to(self.device) if x_init is not None else torch.randn(n, d, generator=generator).to(self.device)
-        self._check_tokens(x, n)
+        self.check_tokens(x, n)
         timesteps, dts = inference_schedule(s.num_timesteps, s.timestep_shift)
         for t, dt in zip(timesteps.tolist(), dts.tolist(), strict=True):
             guided = in_cfg_interval(t, s.cfg_interval)
             text_scale = s.cfg_text_scale if guided else 1.0
             img_scale = s.cfg_img_scale if guided else 1.0
-            branches = [self.velocity(gen, x, t, h, w)]
+            contexts = [gen]
             if text_scale > 1.0:
-                branches.append(self.velocity(_need(cfg_text, "cfg_text"), x, t, h, w))
+                contexts.append(_need(cfg_text, "cfg_text"))
                 if img_scale > 1.0:
-                    branches.append(self.velocity(_need(cfg_img, "cfg_img"), x, t, h, w))
+                    contexts.append(_need(cfg_img, "cfg_img"))
+            branches = yield [Velocity(c, x, t, h, w) for c in contexts]
             v = cfg_combine(branches[0], branches[1] if len(branches) > 1 else None,
                             branches[2] if len(branches) > 2 else None, text_scale, img_scale,
                             s.cfg_renorm_type, s.cfg_renorm_min)
@@ -297,19 +268,19 @@ class Engine:
             x = euler_step(x, v, dt)
         return x
 
-    @torch.no_grad()
-    def decode_latent(self, tokens: Tensor, height: int, width: int) -> Tensor:
+    @batchable
+    def decode_latent(self, tokens: Tensor, height: int, width: int) -> Steps[Tensor]:
         """Latent tokens [N, D] -> decoded image [3, H, W] (float, ~[-1, 1], unclamped)."""
-        h, w = self.latent_grid(height, width)
-        vae = self.model.vae
-        latent = unpatchify_latent(tokens, h, w, self.config.arch.latent_patch_size, self.config.vae.z_channels)
-        return vae.decode(latent[None].to(self.device, next(vae.parameters()).dtype))[0].float()
+        (image,) = yield [DecodeLatent(tokens, *self.latent_grid(height, width))]
+        return image
 
+    @batchable
     def generate_image(self, gen: Context, cfg_text: Context | None, cfg_img: Context | None,
-                       settings: FlowSettings | None = None, generator: torch.Generator | None = None) -> Image.Image:
+                       settings: FlowSettings | None = None, generator: torch.Generator | None = None) -> Steps[Image.Image]:
         """`generate_latent` + `decode_latent` -> PIL image."""
         s = settings or FlowSettings()
-        return to_pil(self.decode_latent(self.generate_latent(gen, cfg_text, cfg_img, s, generator), *self.image_size(s)))
+        latent = yield from self.generate_latent.steps(gen, cfg_text, cfg_img, s, generator)
+        return to_pil((yield from self.decode_latent.steps(latent, *self.image_size(s))))
 
 
 def _need(ctx: Context | None, name: str) -> Context:

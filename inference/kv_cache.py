@@ -192,3 +192,25 @@ def total_nbytes(*caches: KVCache) -> int:
             for s in segs:
                 seen[id(s.buf)] = s.buf
     return sum(b.nbytes() for b in seen.values())
+
+
+class PackedCaches:
+    """The KV hook of one packed forward over several contexts (`Engine.execute`): the new rows [sum q, ...]
+    are split by sample, each sample's cache appends them (or, a `peek()` view, only returns them) and the
+    samples' keys come back one after another — the `AttentionSpec.with_cache(kv_lens, query_lens, ...)`
+    layout. With one cache this is that cache's own `update`, zero-copy as before."""
+
+    def __init__(self, caches: list[KVCache], query_lens: list[int]):
+        if len(caches) != len(query_lens):
+            raise ValueError(f"PackedCaches: {len(caches)} caches for {len(query_lens)} query lengths")
+        self.caches, self.query_lens = caches, list(query_lens)
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.caches) == 1:
+            return self.caches[0].update(layer_idx, k, v)
+        ks, vs = [], []
+        for cache, k_i, v_i in zip(self.caches, k.split(self.query_lens), v.split(self.query_lens), strict=True):
+            k_i, v_i = cache.update(layer_idx, k_i, v_i)
+            ks.append(k_i)
+            vs.append(v_i)
+        return torch.cat(ks), torch.cat(vs)

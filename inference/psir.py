@@ -14,6 +14,10 @@ CFG contexts follow the official interleaved inferencer: `cfg_text` is the strea
 
 For tests and for critics that dictate the next instruction, a turn can be forced (`ForcedTurn`): its
 whole text, a prefix the model completes (constrained decoding), and/or the decision.
+
+Every step is a program (`inference.batching.batchable`): `run_psir(engine, ...)` runs one stream alone;
+`run_batched(engine, [run_psir.steps(engine, ...), ...], batch_size)` runs many streams in the same forwards
+(one decodes while another draws; each with its own seed, so each stream is the one it would be alone).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from PIL import Image
 
 from bagel_ft.trajectory import TAGS, FormatError, Trajectory, Turn, check_tags
+from inference.batching import Steps, batchable, gather
 from inference.engine import Context, Engine
 from inference.sampling import argmax_among
 from inference.settings import DECISIONS, FlowSettings, PSIRSettings
@@ -106,13 +111,13 @@ def _copy_generator(g: torch.Generator) -> torch.Generator:
 # ---- the steps --------------------------------------------------------------------------------------------
 
 
-def start_stream(engine: Engine, prompt: str, seed: int = 0) -> Stream:
-    """The prompt segment in the full context and in the texts-only context."""
+@batchable
+def start_stream(engine: Engine, prompt: str, seed: int = 0) -> Steps[Stream]:
+    """The prompt segment in the full context and in the texts-only context (one tick)."""
     gen = engine.new_context()
     cfg_text = gen.fork()  # before the prompt
-    engine.update_text(gen, prompt)
     cfg_img = engine.new_context()
-    engine.update_text(cfg_img, prompt)
+    yield from gather(engine.update_text.steps(gen, prompt), engine.update_text.steps(cfg_img, prompt))
     return Stream(prompt, gen, cfg_text, cfg_img, torch.Generator().manual_seed(seed))
 
 
@@ -173,7 +178,8 @@ def decide(engine: Engine, logits: torch.Tensor, decision: str) -> str:
     return options[argmax_among(logits, list(options))]
 
 
-def text_turn(engine: Engine, stream: Stream, settings: PSIRSettings, forced: ForcedTurn | None = None) -> str:
+@batchable
+def text_turn(engine: Engine, stream: Stream, settings: PSIRSettings, forced: ForcedTurn | None = None) -> Steps[str]:
     """Decode one text turn into the stream -> the decision (draw / stop / text); a format failure ends
     the stream (stop_reason "format_failure", `failure` says why) and returns stop."""
     tok, budget = engine.tokenizer, settings.budget
@@ -185,8 +191,8 @@ def text_turn(engine: Engine, stream: Stream, settings: PSIRSettings, forced: Fo
         prefix = tok.encode(forced.prefix)
     room = budget.max_tokens - stream.cost.tokens
     limit = min(settings.text.max_tokens, room)
-    out = engine.decode_text(stream.gen, replace(settings.text, max_tokens=max(limit, len(prefix))), stream.generator,
-                             prefix=prefix)
+    out = yield from engine.decode_text.steps(stream.gen, replace(settings.text, max_tokens=max(limit, len(prefix))),
+                                              stream.generator, prefix=prefix)
     stream.cost.tokens += len(out.ids)
     body = out.ids[:-1] if out.finished else out.ids
     text = tok.decode(body, skip_special_tokens=True)
@@ -200,18 +206,19 @@ def text_turn(engine: Engine, stream: Stream, settings: PSIRSettings, forced: Fo
     step["role"] = role
     stream.turns.append(Turn(role=role, text=text, loss=True))
     if settings.flow.cfg_img_scale > 1.0:
-        engine.update_text(stream.cfg_img, body)
+        yield from engine.update_text.steps(stream.cfg_img, body)
     decision = forced.decision or decide(engine, out.last_logits, settings.decision)
     step["decision"] = decision
     return decision
 
 
-def draw(engine: Engine, stream: Stream, flow: FlowSettings, as_context: bool = True) -> Image.Image:
+@batchable
+def draw(engine: Engine, stream: Stream, flow: FlowSettings, as_context: bool = True) -> Steps[Image.Image]:
     """Generate an image at the end of the stream and (unless the stream ends here) add it as context:
     clean VAE + ViT tokens, like a generated image in training."""
-    image = engine.generate_image(stream.gen, stream.cfg_text, stream.cfg_img, flow, stream.generator)
+    image = yield from engine.generate_image.steps(stream.gen, stream.cfg_text, stream.cfg_img, flow, stream.generator)
     if as_context:
-        engine.update_image(stream.gen, image)
+        yield from engine.update_image.steps(stream.gen, image)
     stream.images.append(image)
     stream.turns.append(Turn(role="image", image=len(stream.images) - 1, loss=True))
     stream.cost.images += 1
@@ -224,7 +231,9 @@ def _end(stream: Stream, reason: str) -> str:
     return STOP
 
 
-def advance(engine: Engine, stream: Stream, settings: PSIRSettings, script: list[ForcedTurn] | None = None) -> bool:
+@batchable
+def advance(engine: Engine, stream: Stream, settings: PSIRSettings,
+            script: list[ForcedTurn] | None = None) -> Steps[bool]:
     """Run text turns until one image is drawn (True) or the stream ends (False). `script` is consumed
     from the front, one entry per text turn."""
     budget = settings.budget
@@ -235,40 +244,42 @@ def advance(engine: Engine, stream: Stream, settings: PSIRSettings, script: list
         if stream.cost.tokens >= budget.max_tokens:
             _end(stream, "max_tokens")
             break
-        decision = text_turn(engine, stream, settings, script.pop(0) if script else None)
+        decision = yield from text_turn.steps(engine, stream, settings, script.pop(0) if script else None)
         if stream.done:
             break
         if decision == DRAW:
             if len(stream.images) >= budget.max_images:
                 _end(stream, "max_images")
                 break
-            draw(engine, stream, settings.flow)
+            yield from draw.steps(engine, stream, settings.flow)
             return True
         if decision == STOP:
             _end(stream, "end_of_text")
     return False
 
 
+@batchable
 def run_psir(engine: Engine, prompt: str, settings: PSIRSettings | None = None, seed: int = 0,
-             script: list[ForcedTurn] | None = None) -> Stream:
+             script: list[ForcedTurn] | None = None) -> Steps[Stream]:
     """The whole loop for one prompt -> the finished stream (`.to_trajectory()`, `.last_image`, `.cost`)."""
     settings = settings or PSIRSettings()
     start = time.perf_counter()
-    stream = start_stream(engine, prompt, seed)
+    stream = yield from start_stream.steps(engine, prompt, seed)
     script = list(script or [])
     while not stream.done:
-        advance(engine, stream, settings, script)
+        yield from advance.steps(engine, stream, settings, script)
     stream.cost.wall_s += time.perf_counter() - start
     return stream
 
 
-def run_single(engine: Engine, prompt: str, flow: FlowSettings | None = None, seed: int = 0) -> Stream:
+@batchable
+def run_single(engine: Engine, prompt: str, flow: FlowSettings | None = None, seed: int = 0) -> Steps[Stream]:
     """Plain text-to-image (official t2i): prompt, then one image; cfg_text = the empty context."""
     flow = flow or FlowSettings()
     start = time.perf_counter()
-    stream = start_stream(engine, prompt, seed)
+    stream = yield from start_stream.steps(engine, prompt, seed)
     stream.subset = "t2i"
-    draw(engine, stream, flow, as_context=False)
+    yield from draw.steps(engine, stream, flow, as_context=False)
     stream.done, stream.stop_reason = True, "single"
     stream.cost.wall_s += time.perf_counter() - start
     return stream
@@ -278,21 +289,21 @@ def run_single(engine: Engine, prompt: str, flow: FlowSettings | None = None, se
 EDIT_FLOW = FlowSettings(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
 
 
+@batchable
 def run_edit(engine: Engine, image: Image.Image, instruction: str, flow: FlowSettings | None = None,
-             seed: int = 0) -> tuple[Image.Image, Cost]:
+             seed: int = 0) -> Steps[tuple[Image.Image, Cost]]:
     """Image editing (official interleaved inferencer with [image, instruction]): the image as context
     (clean VAE + ViT), the instruction, then one image of the input's size. cfg_text = the image only,
     cfg_img = the instruction only."""
     start = time.perf_counter()
     gen = engine.new_context()
-    engine.update_image(gen, image)
+    yield from engine.update_image.steps(gen, image)
     cfg_text = gen.fork()
-    engine.update_text(gen, instruction)
     cfg_img = engine.new_context()
-    engine.update_text(cfg_img, instruction)
+    yield from gather(engine.update_text.steps(gen, instruction), engine.update_text.steps(cfg_img, instruction))
     _, height, width = engine.prepare_image(image, "vae").shape
     flow = replace(flow or EDIT_FLOW, height=height, width=width)
     stream = Stream(instruction, gen, cfg_text, cfg_img, torch.Generator().manual_seed(seed))
-    edited = draw(engine, stream, flow, as_context=False)
+    edited = yield from draw.steps(engine, stream, flow, as_context=False)
     stream.cost.wall_s += time.perf_counter() - start
     return edited, stream.cost

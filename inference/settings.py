@@ -24,12 +24,16 @@ CHECKPOINT_OPTIONS = "inference.yaml"  # beside image_geometry.json: how the che
 
 
 def resolve_device(device: str = "auto", dtype: str = "auto") -> tuple[str, str]:
-    """("auto" or a torch device, "auto" or one of DTYPE_NAMES) -> both named: device auto = cuda if available,
-    else cpu; dtype auto = bf16 on a GPU, fp32 on CPU."""
+    """("auto" or a torch device, "auto" or one of DTYPE_NAMES) -> both named: device auto = cuda if available
+    (under torchrun: the rank's own GPU, cuda:$LOCAL_RANK), else cpu; dtype auto = bf16 on a GPU, fp32 on CPU."""
     if device == "auto":
+        import os
+
         import torch  # only here: this module stays torch-free to import
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cpu"
+        if torch.cuda.is_available():
+            device = f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
     if dtype == "auto":
         dtype = "bf16" if device.startswith("cuda") else "fp32"
     if dtype not in DTYPE_NAMES:

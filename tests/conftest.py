@@ -46,6 +46,26 @@ def tiny_model(tiny_dir):
     return Bagel.from_pretrained(tiny_dir).eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model):
+    """An inference Engine over the tiny reference model and the byte tokenizer."""
+    from bagel_ft.tokenizer import ByteTokenizer
+    from inference.engine import Engine
+
+    return Engine(tiny_model, ByteTokenizer())
+
+
 def save_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """A random tiny Bagel (+ autoencoder, byte tokenizer) saved as a checkpoint directory."""
     import torch

@@ -89,13 +89,15 @@ PLANS = {  # prompt -> the plan text forced on the model (the second one strays 
 
 def test_a_well_formed_sampled_trajectory_becomes_a_labelled_critique(ckpt, tmp_path, monkeypatch):
     import inference.api
+    from inference.batching import batchable
     from inference.psir import DRAW, STOP, ForcedTurn, run_psir
 
+    @batchable  # a program, like run_psir: Generator.generate runs it (inference.batching)
     def forced_psir(engine, prompt, settings, seed):
         """Generator.generate's loop with the text turns forced: plan -> (the model draws) -> inspect."""
         script = [ForcedTurn(plan_text(*PLANS[prompt]), decision=DRAW),
                   ForcedTurn(inspect_text("consistent"), decision=STOP)]  # fmt: skip
-        return run_psir(engine, prompt, settings, seed, script=script)
+        return (yield from run_psir.steps(engine, prompt, settings, seed, script=script))
 
     monkeypatch.setattr(inference.api, "run_psir", forced_psir)
     prompts = tmp_path / "prompts.txt"

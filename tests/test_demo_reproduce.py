@@ -139,3 +139,40 @@ def test_runs_of_one_seed_each_merge_into_one_table(tmp_path):
     run(tmp_path / "other", 2, steps=400)
     with pytest.raises(DemoError, match="steps"):
         merge_runs([tmp_path / "s0", tmp_path / "other"], tmp_path / "bad")
+
+
+def test_stream_diagnostics_compare_first_and_final_drafts_and_grade_the_inspect_turns(tmp_path):
+    """Two hand-made PSIR streams for "a red circle", drawn by the shapes world's exact renderer: one draws it
+    first and then adds a square (the loop made it worse); one over-plans and says "consistent" of a wrong image."""
+    from bagel_ft.trajectory import Trajectory, Turn, inspect_text
+    from demo.reproduce import stream_diagnostics
+    from eval.run_dir import save_trajectory
+    from scene_graphs.shapes import parse_prompt, render
+
+    def picture(text: str):
+        return render(parse_prompt(text), 64, seed=0)[0]
+
+    def plan(des: str) -> Turn:
+        return Turn("plan", f"<ins>draw {des}</ins><des>{des}</des>")
+
+    circle, both = picture("a red circle"), picture("a red circle and a blue square")
+    worse = Trajectory("a red circle", [plan("a red circle"), Turn("image", image=0), Turn("inspect", inspect_text("consistent")),
+                                        plan("a red circle and a blue square"), Turn("image", image=1),
+                                        Turn("inspect", inspect_text("inconsistent", "a square is extra"))],
+                       images=[circle, both])  # fmt: skip
+    blind = Trajectory("a red circle", [plan("a red circle and a blue square"), Turn("image", image=0),
+                                        Turn("inspect", inspect_text("consistent"))], images=[circle])  # fmt: skip
+    rows = []
+    for key, traj in (("a", worse), ("b", blind)):
+        save_trajectory(tmp_path / f"{key}.traj", traj)
+        rows.append({"key": key, "prompt": "a red circle", "trajectory": f"{key}.traj"})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    d = stream_diagnostics(tmp_path)
+    assert d["first_right"] == 1.0 and d["final_right"] == 0.5  # both first drafts are right; one final is not
+    assert d["overplans"] == 0.5 and d["no_image"] == 0.0
+    assert d["says_consistent"] == 2 / 3  # of 3 inspect turns
+    # right: "consistent" of the circle under "a red circle"; wrong: "inconsistent" of the circle + square under the
+    # plan naming both (the judge finds they agree), "consistent" of a lone circle under the plan naming both
+    assert d["inspect_right"] == 1 / 3
+    assert d["plan_ok"] == 0.0 and d["draws_plan"] == 0.5

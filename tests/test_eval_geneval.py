@@ -225,7 +225,7 @@ def test_sigkill_midway_then_resume_redraws_only_unfinished(metadata, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "eval.cli",  # == `bagel-ft eval`
+        "commands.eval",  # == `bagel-ft eval`
         "geneval",
         "--ckpt",
         "py:slowgen:make",

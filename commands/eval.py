@@ -19,10 +19,17 @@
   # CPU-sized smoke run of the plumbing (noise images, 2 prompts per category)
   bagel-ft eval geneval --ckpt debug:noise --out /tmp/geneval-smoke --n 2 --limit 2
 
+  # data parallel: 8 GPUs of one machine (one rank each; rank 0 scores once all are done), or separate
+  # launches sharing the run folder (each draws every N-th prompt; then score once with --stage score)
+  torchrun --nproc_per_node 8 --no-python -- bagel-ft eval geneval --ckpt runs/ft/ckpt --mode psir --out RUN
+  bagel-ft eval geneval --ckpt runs/ft/ckpt --mode psir --out RUN --shard 0/2     # and --shard 1/2 elsewhere
+
 --ckpt takes a checkpoint directory, `oracle:shapes`, `debug:noise` or `py:MODULE:FACTORY` (eval/generator.py).
 --limit K keeps the first K prompts of each category; --subset picks categories (GenEval tags, WISE
 culture|time|space|biology|physics|chemistry, ShapesEval categories). Prompt files are read by path:
 --metadata / --prompts-dir default to $BAGEL_FT_BENCHMARKS (else ../shared/benchmarks) + geneval/... or wise/.
+--batch-size B draws B samples at once (one packed forward per step for all of them; each sample seeded by
+itself, so the images equal batch 1's); default: 16 on CPU, by image size on a GPU (inference.api).
 --stage generate | score | all (default). Scoring uses what is on disk: WISE re-asks the judge only what
 it has not answered (cached replies), GenEval re-runs the official scorer only when results.jsonl is stale.
 Then compare runs:  bagel-ft report runs/eval/geneval-base runs/eval/geneval-ft-psir --out runs/report
@@ -65,6 +72,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--label", default=None, help="row label in reports (default: <ckpt name>/<mode>)")
     parser.add_argument("--stage", default="all", choices=("all", "generate", "score"), help="what to run")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="samples drawn at once (default: 16 on CPU, by image size on a GPU)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="draw every N-th prompt from the I-th (separate launches into one --out; "
+                        "score afterwards with --stage score). Under torchrun the ranks shard themselves")
     parser.add_argument("--metadata", default=None, help="GenEval evaluation_metadata.jsonl")
     parser.add_argument("--prompts-dir", default=None, help="WISE prompt JSON file or directory")
     parser.add_argument("--grid", action="store_true", help="GenEval: also write grid.png per prompt")
@@ -85,12 +97,21 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from eval.run_dir import CONFIG_FILE, RunDirError, prepare_run_dir, read_config, write_json_atomic
+    from inference.sharding import current_shard, wait_for_all
 
+    try:
+        args.shard = current_shard(args.shard)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    if args.shard.count > 1 and args.stage == "score":
+        raise SystemExit("--stage score runs once over the whole run folder: one process, without --shard or torchrun")
     out = Path(args.out)
     for flag in ("n", "limit"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise SystemExit(f"--{flag}: expected a count >= 1, got {getattr(args, flag)}")
     if args.benchmark == "skills":
+        if args.shard.count > 1:
+            raise SystemExit("bagel-ft eval skills runs in one process: without --shard or torchrun")
         return _skills(args, out)
     if args.stage == "score":  # score what was generated: its n / subset / limit unless given again
         old = read_config(out)
@@ -121,43 +142,61 @@ def run(args) -> int:
         generator = load_generator(args.ckpt, args.mode, config=config["inference"])
         config["generator"] = generator.name  # known once loaded; the check above already passed
         prepare_run_dir(out, config)
-    if judge is not None:  # the judge is part of what produced the scores
+    if judge is not None and args.shard.is_first:  # the judge is part of what produced the scores
         write_json_atomic(out / CONFIG_FILE, dict(read_config(out), judge=judge.public()))
-    {"geneval": _geneval, "wise": _wise, "shapes": _shapes}[args.benchmark](args, out, generator, n, subset, judge)
+    benchmark = {"geneval": _geneval, "wise": _wise, "shapes": _shapes}[args.benchmark]
+    if generator is not None:
+        benchmark(args, out, generator, n, subset, judge, score=False)
+    wait_for_all(args.shard)  # torchrun: every rank's samples are on disk
+    if args.stage == "generate":
+        return 0
+    if args.shard.count > 1 and not args.shard.launched:
+        print(f"shard {args.shard} done; once every shard is: bagel-ft eval {args.benchmark} --out {out} --stage score")
+        return 0
+    if not args.shard.is_first:
+        return 0
+    benchmark(args, out, None, n, subset, judge, score=True)  # once, over every shard's samples
     return 0
 
 
-def _geneval(args, out: Path, generator, n: int, subset, judge) -> None:
+def _geneval(args, out: Path, generator, n: int, subset, judge, score: bool) -> None:
     from eval import geneval
 
     if generator is not None:
         metadata = args.metadata or default_benchmarks_dir() / "geneval" / "evaluation_metadata.jsonl"
         stats = geneval.generate_geneval(generator, metadata, out, n=n, seed=args.seed, subset=subset,
-                                         limit=args.limit, grid=args.grid, progress=not args.quiet)  # fmt: skip
+                                         limit=args.limit, grid=args.grid, progress=_progress(args),
+                                         batch_size=args.batch_size, shard=args.shard)  # fmt: skip
         print(stats)
-    if args.stage != "generate":
+    if score:
         geneval.score_geneval(out, repo=args.geneval_repo, model_path=args.geneval_model_path)
 
 
-def _wise(args, out: Path, generator, n: int, subset, judge) -> None:
+def _wise(args, out: Path, generator, n: int, subset, judge, score: bool) -> None:
     from eval import wise
 
     prompts = wise.load_prompts(args.prompts_dir or default_benchmarks_dir() / "wise")
     prompts = wise.select_prompts(prompts, subset, args.limit)
     if generator is not None:
-        print(wise.generate_wise(generator, prompts, out, seed=args.seed, progress=not args.quiet))
-    if args.stage != "generate":
+        print(wise.generate_wise(generator, prompts, out, seed=args.seed, progress=_progress(args),
+                                 batch_size=args.batch_size, shard=args.shard))
+    if score:
         _print_wise(wise.judge_wise(out, prompts, judge, progress=not args.quiet))
 
 
-def _shapes(args, out: Path, generator, n: int, subset, judge) -> None:
+def _shapes(args, out: Path, generator, n: int, subset, judge, score: bool) -> None:
     from eval import shapes_eval
 
     prompts = shapes_eval.select_prompts(shapes_eval.load_prompts(), subset, args.limit)
     if generator is not None:
-        print(shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=args.seed, progress=not args.quiet))
-    if args.stage != "generate":
+        print(shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=args.seed, progress=_progress(args),
+                                          batch_size=args.batch_size, shard=args.shard))
+    if score:
         print(shapes_eval.format_summary(shapes_eval.score_shapes(out, prompts, n=n, progress=not args.quiet)))
+
+
+def _progress(args) -> bool:
+    return not args.quiet and args.shard.is_first  # one progress bar, not one per rank
 
 
 def _skills(args, out: Path) -> int:
@@ -252,11 +291,7 @@ def _print_wise(summary: dict) -> None:
     )
 
 
-if __name__ == "__main__":  # `python -m eval.cli ...` == `bagel-ft eval ...`, without importing the other CLIs
-    import argparse
+if __name__ == "__main__":  # `python -m commands.eval ...` (torchrun -m) == `bagel-ft eval ...`
+    from commands.main import main
 
-    _parser = argparse.ArgumentParser(
-        prog="python -m eval.cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_arguments(_parser)
-    sys.exit(run(_parser.parse_args()))
+    sys.exit(main(["eval", *sys.argv[1:]]))
