@@ -206,7 +206,9 @@ def prepare_mask(spec: AttentionSpec, backend: str = "sdpa", device=None) -> Pre
         if all(unmasked):
             return PreparedMask(spec, backend, sample_masks=[None] * len(unmasked))
         masks = build_sample_masks(spec, device)
-        return PreparedMask(spec, backend, sample_masks=[None if u else m for u, m in zip(unmasked, masks, strict=True)])
+        return PreparedMask(
+            spec, backend, sample_masks=[None if u else m for u, m in zip(unmasked, masks, strict=True)]
+        )
     if backend == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 

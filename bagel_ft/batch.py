@@ -103,9 +103,13 @@ class PackedBatch:
         if bad:
             raise ValueError(f"attn_modes: expected entries in {ATTN_MODES}, got {bad}")
         if self.packed_position_ids.shape != (self.sequence_length,):
-            raise ValueError(f"packed_position_ids: expected shape ({self.sequence_length},), got {tuple(self.packed_position_ids.shape)}")
+            raise ValueError(
+                f"packed_position_ids: expected shape ({self.sequence_length},), got {tuple(self.packed_position_ids.shape)}"
+            )
         covered = self.packed_text_indexes.numel()
         covered += self.packed_vit_token_indexes.numel() if self.has_vit else 0
         covered += self.packed_vae_token_indexes.numel() if self.has_vae else 0
         if covered != self.sequence_length:
-            raise ValueError(f"text+vit+vae indexes cover {covered} positions, sequence_length is {self.sequence_length}")
+            raise ValueError(
+                f"text+vit+vae indexes cover {covered} positions, sequence_length is {self.sequence_length}"
+            )

@@ -175,19 +175,39 @@ class BagelConfig:
     def validate(self, source: str = "config") -> None:
         llm, vit = self.llm, self.vit
         checks = [
-            (llm.layer_module in LAYER_MODULES, f"llm.layer_module: expected one of {LAYER_MODULES}, got {llm.layer_module!r}"),
-            (llm.hidden_size % llm.num_attention_heads == 0,
-             f"llm.hidden_size {llm.hidden_size} not divisible by num_attention_heads {llm.num_attention_heads}"),
-            (llm.num_attention_heads % llm.num_key_value_heads == 0,
-             f"llm.num_attention_heads {llm.num_attention_heads} not divisible by num_key_value_heads {llm.num_key_value_heads}"),
+            (
+                llm.layer_module in LAYER_MODULES,
+                f"llm.layer_module: expected one of {LAYER_MODULES}, got {llm.layer_module!r}",
+            ),
+            (
+                llm.hidden_size % llm.num_attention_heads == 0,
+                f"llm.hidden_size {llm.hidden_size} not divisible by num_attention_heads {llm.num_attention_heads}",
+            ),
+            (
+                llm.num_attention_heads % llm.num_key_value_heads == 0,
+                f"llm.num_attention_heads {llm.num_attention_heads} not divisible by num_key_value_heads {llm.num_key_value_heads}",
+            ),
             (llm.head_dim % 2 == 0, f"llm head_dim {llm.head_dim} must be even for RoPE"),
-            (vit.hidden_size % vit.num_attention_heads == 0,
-             f"vit.hidden_size {vit.hidden_size} not divisible by num_attention_heads {vit.num_attention_heads}"),
-            (vit.num_layers_built >= 1, f"vit.num_hidden_layers must be >= 2 (one is dropped), got {vit.num_hidden_layers}"),
-            (2 ** (len(self.vae.ch_mult) - 1) == self.vae.downsample,
-             f"vae.downsample {self.vae.downsample} != 2**(len(ch_mult)-1) for ch_mult {self.vae.ch_mult}"),
-            (llm.hidden_size % 4 == 0, f"llm.hidden_size {llm.hidden_size} must be divisible by 4 (2-D sin-cos tables)"),
-            (not self.arch.interpolate_pos, "arch.interpolate_pos=True is not supported (the release uses extrapolate)"),
+            (
+                vit.hidden_size % vit.num_attention_heads == 0,
+                f"vit.hidden_size {vit.hidden_size} not divisible by num_attention_heads {vit.num_attention_heads}",
+            ),
+            (
+                vit.num_layers_built >= 1,
+                f"vit.num_hidden_layers must be >= 2 (one is dropped), got {vit.num_hidden_layers}",
+            ),
+            (
+                2 ** (len(self.vae.ch_mult) - 1) == self.vae.downsample,
+                f"vae.downsample {self.vae.downsample} != 2**(len(ch_mult)-1) for ch_mult {self.vae.ch_mult}",
+            ),
+            (
+                llm.hidden_size % 4 == 0,
+                f"llm.hidden_size {llm.hidden_size} must be divisible by 4 (2-D sin-cos tables)",
+            ),
+            (
+                not self.arch.interpolate_pos,
+                "arch.interpolate_pos=True is not supported (the release uses extrapolate)",
+            ),
         ]
         errors = [msg for ok, msg in checks if not ok]
         if errors:
@@ -227,10 +247,15 @@ def _bagel_7b_mot() -> BagelConfig:
 def _tiny() -> BagelConfig:
     # shared/reference/tiny: byte tokenizer (ids 0..255 + specials 300..), 2-layer MoT, 2-layer ViT, 2x VAE.
     return BagelConfig(
-        llm=LLMConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2),
-        vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                      image_size=112),
+        llm=LLMConfig(
+            vocab_size=320,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        ),
+        vit=ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=112),
         vae=VAEConfig(downsample=2, ch=32, ch_mult=[1, 2], num_res_blocks=1),
         arch=BagelArchConfig(max_latent_size=8, vit_max_num_patch_per_side=8),
     )

@@ -74,7 +74,9 @@ class Trajectory:
     def validate(self) -> None:
         where = f"record {self.id or '?'}"
         if self.format_version not in READABLE_VERSIONS:
-            raise FormatError(f"{where}: format_version: expected one of {READABLE_VERSIONS}, got {self.format_version}")
+            raise FormatError(
+                f"{where}: format_version: expected one of {READABLE_VERSIONS}, got {self.format_version}"
+            )
         if self.subset not in SUBSETS:
             raise FormatError(f"{where}: subset: expected one of {SUBSETS}, got {self.subset!r}")
         if self.label not in ("",) + VERDICTS:
@@ -87,7 +89,9 @@ class Trajectory:
                 raise FormatError(f"{where}: turns[{i}].role: expected one of {ROLES}, got {turn.role!r}")
             if turn.is_image:
                 if not 0 <= turn.image < len(self.images):
-                    raise FormatError(f"{where}: turns[{i}].image: expected index in [0, {len(self.images)}), got {turn.image}")
+                    raise FormatError(
+                        f"{where}: turns[{i}].image: expected index in [0, {len(self.images)}), got {turn.image}"
+                    )
                 used.add(turn.image)
             else:
                 if turn.image != -1:

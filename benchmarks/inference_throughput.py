@@ -49,10 +49,12 @@ from inference.kv_cache import KVCache  # noqa: E402
 from inference.psir import DRAW, STOP, TEXT, ForcedTurn, run_psir  # noqa: E402
 from inference.settings import GenerateOptions  # noqa: E402
 
-SCRIPT = [ForcedTurn(plan_text("draw the scene", "the shapes of the prompt"), decision=DRAW),
-          ForcedTurn(inspect_text("inconsistent", "an object is missing"), decision=TEXT),
-          ForcedTurn(refine_text("add the missing object"), decision=DRAW),
-          ForcedTurn(inspect_text("consistent"), decision=STOP)]
+SCRIPT = [
+    ForcedTurn(plan_text("draw the scene", "the shapes of the prompt"), decision=DRAW),
+    ForcedTurn(inspect_text("inconsistent", "an object is missing"), decision=TEXT),
+    ForcedTurn(refine_text("add the missing object"), decision=DRAW),
+    ForcedTurn(inspect_text("consistent"), decision=STOP),
+]
 
 
 class CopiedContext(Context):
@@ -97,8 +99,12 @@ def run_workload(engine: Engine, workload: str, options: GenerateOptions, jobs: 
         costs = [d.value.cost for d in run_batched(engine, programs, batch_size)]
     else:
         costs = [r.cost for _, r in generator.generate_many(jobs, batch_size=batch_size)]
-    return (time.process_time() - cpu, time.perf_counter() - start, sum(c.images for c in costs),
-            sum(c.tokens for c in costs))
+    return (
+        time.process_time() - cpu,
+        time.perf_counter() - start,
+        sum(c.images for c in costs),
+        sum(c.tokens for c in costs),
+    )
 
 
 def _ratio(rate: float, ref: tuple | None) -> str:
@@ -110,13 +116,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", default=str(ROOT / "checkpoints" / "shapes-base"), help="single / psir-script model")
     ap.add_argument("--psir-ckpt", default=str(ROOT / "tests" / "assets" / "tiny-psir"), help="free PSIR model")
-    ap.add_argument("--workloads", nargs="+", default=["single", "psir-script", "psir"],
-                    choices=("single", "psir-script", "psir"))
+    ap.add_argument(
+        "--workloads", nargs="+", default=["single", "psir-script", "psir"], choices=("single", "psir-script", "psir")
+    )
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--prompts", type=int, default=32, help="ShapesEval prompts per row (every 12th of the 400)")
     ap.add_argument("--timesteps", type=int, default=None, help="schedule points (default: the demo's)")
-    ap.add_argument("--cfg", type=float, nargs=2, metavar=("TEXT", "IMAGE"), default=None,
-                    help="text and image guidance scales (default: the demo's, no guidance)")
+    ap.add_argument(
+        "--cfg",
+        type=float,
+        nargs=2,
+        metavar=("TEXT", "IMAGE"),
+        default=None,
+        help="text and image guidance scales (default: the demo's, no guidance)",
+    )
     ap.add_argument("--no-official", action="store_true", help="skip the official-strategy rows")
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per row; the fastest counts")
     ap.add_argument("--device", default="cpu")
@@ -142,25 +155,34 @@ def main() -> int:
         options = inference_options(mode, args.timesteps, args.cfg)
         if workload == "psir":
             options.text = replace(options.text, temperature=0.7, top_p=0.9)
-        rows = [(f"batch {b}", ours, b) for b in args.batch_sizes] + ([] if args.no_official else [
-            ("official", official, 1)])
+        rows = [(f"batch {b}", ours, b) for b in args.batch_sizes] + (
+            [] if args.no_official else [("official", official, 1)]
+        )
         run_workload(ours, workload, options, jobs[:2], 2)  # warm-up
         results = {}
         for _ in range(args.repeats):
             for name, engine, batch in rows:
                 load = os.getloadavg()[0]
                 cpu, wall, images, tokens = run_workload(engine, workload, options, jobs, batch)
-                print(f"{workload} {name}: {cpu:.1f} CPU s, {wall:.1f} s, {images} images, {tokens} tokens, load "
-                      f"{load:.1f}", file=sys.stderr, flush=True)
+                print(
+                    f"{workload} {name}: {cpu:.1f} CPU s, {wall:.1f} s, {images} images, {tokens} tokens, load "
+                    f"{load:.1f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 if name not in results or cpu < results[name][0]:
                     results[name] = (cpu, wall, images, tokens, f"{load:.1f}/{os.getloadavg()[0]:.1f}")
         base, off = results.get("batch 1"), results.get("official")
         for name, (cpu, wall, images, tokens, load) in results.items():
-            table.append(f"| {workload} | {Path(ckpt).name} | {name} | {images / cpu:.2f} | {tokens / cpu:.0f} | "
-                         f"{images} | {tokens} | {cpu:.1f} | {wall:.1f} | {_ratio(images / cpu, base)} | "
-                         f"{_ratio(images / cpu, off)} | {load} |")
-    print("| workload | model | strategy | images/s | tokens/s | images | tokens | CPU s | wall s | vs batch 1 | "
-          "vs official | load avg (before/after) |")
+            table.append(
+                f"| {workload} | {Path(ckpt).name} | {name} | {images / cpu:.2f} | {tokens / cpu:.0f} | "
+                f"{images} | {tokens} | {cpu:.1f} | {wall:.1f} | {_ratio(images / cpu, base)} | "
+                f"{_ratio(images / cpu, off)} | {load} |"
+            )
+    print(
+        "| workload | model | strategy | images/s | tokens/s | images | tokens | CPU s | wall s | vs batch 1 | "
+        "vs official | load avg (before/after) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     print("\n".join(table))
     return 0

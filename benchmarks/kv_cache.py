@@ -57,8 +57,14 @@ class NaiveCache(KVCache):
 
 def build_engine(hidden: int, layers: int, heads: int, kv_heads: int) -> Engine:
     cfg = BagelConfig.preset("tiny")
-    cfg.llm = LLMConfig(vocab_size=320, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, num_key_value_heads=kv_heads)
+    cfg.llm = LLMConfig(
+        vocab_size=320,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+    )
     torch.manual_seed(0)
     return Engine(Bagel(cfg), ByteTokenizer())
 
@@ -102,7 +108,9 @@ def bench_context(engine: Engine, n: int, repeat: int) -> tuple[dict[str, float]
     # context in each layer, with the model's own attention backend and mask (bagel_ft.attention)
     k, v = ctx.cache.layer(0)
     q = torch.randn(1, llm.num_attention_heads, llm.head_dim)
-    mask = prepare_mask(AttentionSpec.with_cache([k.shape[0] - 1], [1], "causal"), engine.model.language_model.model.attn_backend)
+    mask = prepare_mask(
+        AttentionSpec.with_cache([k.shape[0] - 1], [1], "causal"), engine.model.language_model.model.attn_backend
+    )
 
     def attention():
         for _ in range(llm.num_hidden_layers):
@@ -126,9 +134,14 @@ def bench_forks(engine: Engine, ctx: Context, forks: int, suffix: int) -> dict[s
     copies = [copy.deepcopy(ctx.cache) for _ in range(2)]  # what the official deepcopy of a context costs
     deepcopy_s = (time.perf_counter() - start) / 2
     del copies
-    return {"base_mb": base / 2**20, "forks_total_mb": ours / 2**20, "deepcopy_total_mb": (forks + 1) * used / 2**20,
-            "fork_us": 1e6 * fork_s, "deepcopy_ms": 1e3 * deepcopy_s,
-            "shared_mb": branches[0].cache.shared_nbytes(ctx.cache) / 2**20}
+    return {
+        "base_mb": base / 2**20,
+        "forks_total_mb": ours / 2**20,
+        "deepcopy_total_mb": (forks + 1) * used / 2**20,
+        "fork_us": 1e6 * fork_s,
+        "deepcopy_ms": 1e3 * deepcopy_s,
+        "shared_mb": branches[0].cache.shared_nbytes(ctx.cache) / 2**20,
+    }
 
 
 def main(argv=None) -> int:
@@ -147,23 +160,33 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     engine = build_engine(args.hidden, args.layers, args.heads, args.kv_heads)
     llm = engine.config.llm
-    print(f"LLM: hidden {llm.hidden_size}, {llm.num_hidden_layers} layers, {llm.num_attention_heads} heads / "
-          f"{llm.num_key_value_heads} kv heads (head_dim {llm.head_dim}), float32, {args.threads} CPU thread(s)\n")
-    print("| context | append, ours (us) | append, naive cat (us) | decode step, ours (ms) | decode step, naive (ms) "
-          "| attention alone (ms) | ours - attention (ms) |")
+    print(
+        f"LLM: hidden {llm.hidden_size}, {llm.num_hidden_layers} layers, {llm.num_attention_heads} heads / "
+        f"{llm.num_key_value_heads} kv heads (head_dim {llm.head_dim}), float32, {args.threads} CPU thread(s)\n"
+    )
+    print(
+        "| context | append, ours (us) | append, naive cat (us) | decode step, ours (ms) | decode step, naive (ms) "
+        "| attention alone (ms) | ours - attention (ms) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for n in sorted(args.contexts):
         r, ctx = bench_context(engine, n, args.repeat)
-        print(f"| {n} | {r['append_ours_us']:.1f} | {r['append_naive_us']:.1f} | {r['decode_ours_ms']:.2f} | "
-              f"{r['decode_naive_ms']:.2f} | {r['attention_ms']:.2f} | {r['decode_ours_ms'] - r['attention_ms']:.2f} |")
+        print(
+            f"| {n} | {r['append_ours_us']:.1f} | {r['append_naive_us']:.1f} | {r['decode_ours_ms']:.2f} | "
+            f"{r['decode_naive_ms']:.2f} | {r['attention_ms']:.2f} | {r['decode_ours_ms'] - r['attention_ms']:.2f} |"
+        )
     n = max(args.contexts)
     f = bench_forks(engine, ctx, args.forks, args.suffix)
-    print(f"\nForks of a {n}-token context ({f['base_mb']:.1f} MiB of K/V storage), {args.forks} branches appending "
-          f"{args.suffix} tokens each:")
+    print(
+        f"\nForks of a {n}-token context ({f['base_mb']:.1f} MiB of K/V storage), {args.forks} branches appending "
+        f"{args.suffix} tokens each:"
+    )
     print("| | time per branch | storage of context + branches |")
     print("|---|---:|---:|")
-    print(f"| KVCache.fork (copy-on-write) | {f['fork_us']:.1f} us | {f['forks_total_mb']:.1f} MiB "
-          f"(each branch shares {f['shared_mb']:.1f} MiB) |")
+    print(
+        f"| KVCache.fork (copy-on-write) | {f['fork_us']:.1f} us | {f['forks_total_mb']:.1f} MiB "
+        f"(each branch shares {f['shared_mb']:.1f} MiB) |"
+    )
     print(f"| deepcopy (official contexts) | {f['deepcopy_ms']:.1f} ms | {f['deepcopy_total_mb']:.1f} MiB |")
     print(f"\n({time.perf_counter() - start:.0f} s)")
     return 0

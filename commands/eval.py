@@ -72,11 +72,19 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--label", default=None, help="row label in reports (default: <ckpt name>/<mode>)")
     parser.add_argument("--stage", default="all", choices=("all", "generate", "score"), help="what to run")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="samples drawn at once (default: 16 on CPU, by image size on a GPU)")
-    parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="draw every N-th prompt from the I-th (separate launches into one --out; "
-                        "score afterwards with --stage score). Under torchrun the ranks shard themselves")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="samples drawn at once (default: 16 on CPU, by image size on a GPU)",
+    )
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="draw every N-th prompt from the I-th (separate launches into one --out; "
+        "score afterwards with --stage score). Under torchrun the ranks shard themselves",
+    )
     parser.add_argument("--metadata", default=None, help="GenEval evaluation_metadata.jsonl")
     parser.add_argument("--prompts-dir", default=None, help="WISE prompt JSON file or directory")
     parser.add_argument("--grid", action="store_true", help="GenEval: also write grid.png per prompt")
@@ -178,8 +186,17 @@ def _wise(args, out: Path, generator, n: int, subset, judge, score: bool) -> Non
     prompts = wise.load_prompts(args.prompts_dir or default_benchmarks_dir() / "wise")
     prompts = wise.select_prompts(prompts, subset, args.limit)
     if generator is not None:
-        print(wise.generate_wise(generator, prompts, out, seed=args.seed, progress=_progress(args),
-                                 batch_size=args.batch_size, shard=args.shard))
+        print(
+            wise.generate_wise(
+                generator,
+                prompts,
+                out,
+                seed=args.seed,
+                progress=_progress(args),
+                batch_size=args.batch_size,
+                shard=args.shard,
+            )
+        )
     if score:
         _print_wise(wise.judge_wise(out, prompts, judge, progress=not args.quiet))
 
@@ -189,8 +206,18 @@ def _shapes(args, out: Path, generator, n: int, subset, judge, score: bool) -> N
 
     prompts = shapes_eval.select_prompts(shapes_eval.load_prompts(), subset, args.limit)
     if generator is not None:
-        print(shapes_eval.generate_shapes(generator, prompts, out, n=n, seed=args.seed, progress=_progress(args),
-                                          batch_size=args.batch_size, shard=args.shard))
+        print(
+            shapes_eval.generate_shapes(
+                generator,
+                prompts,
+                out,
+                n=n,
+                seed=args.seed,
+                progress=_progress(args),
+                batch_size=args.batch_size,
+                shard=args.shard,
+            )
+        )
     if score:
         print(shapes_eval.format_summary(shapes_eval.score_shapes(out, prompts, n=n, progress=not args.quiet)))
 
@@ -212,7 +239,10 @@ def _skills(args, out: Path) -> int:
         raise SystemExit(f"bagel-ft eval skills: --subset {','.join(unknown)}: expected some of {','.join(SKILLS)}")
     config = SkillsConfig(skills=skills, seed=args.seed or 0)
     # how every skill draws: the checkpoint's inference.yaml, then options.flow of --inference-config / --set
-    flow = merge(checkpoint_options(args.ckpt).get("flow", {}), ((inference_config(args) or {}).get("options") or {}).get("flow", {}))
+    flow = merge(
+        checkpoint_options(args.ckpt).get("flow", {}),
+        ((inference_config(args) or {}).get("options") or {}).get("flow", {}),
+    )
     fields = ("num_timesteps", "timestep_shift", "cfg_text_scale", "cfg_img_scale", "cfg_interval")
     unknown = sorted(set(flow) - set(fields) - {"height", "width", "cfg_renorm_type", "cfg_renorm_min"})
     if unknown:

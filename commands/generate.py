@@ -50,8 +50,12 @@ OPTION_FLAGS = {
         "--max-steps": ("budget.max_steps", "text turns per stream"),
         "--max-images": ("budget.max_images", "images per stream"),
         "--max-tokens": ("budget.max_tokens", "text tokens per stream"),
-        "--decision": ("decision", "draw/stop at <|im_end|>: two_way {vision_start, endoftext}; three_way adds "
-                       "<|im_start|> = another text turn", DECISIONS),
+        "--decision": (
+            "decision",
+            "draw/stop at <|im_end|>: two_way {vision_start, endoftext}; three_way adds "
+            "<|im_start|> = another text turn",
+            DECISIONS,
+        ),
     },
     "image generation": {
         "--timesteps": ("flow.num_timesteps", "schedule points (steps + 1)"),
@@ -81,31 +85,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", help="one prompt")
     src.add_argument("--prompts", help="file: one prompt per line, or JSONL with a 'prompt' field")
     io.add_argument("--out", required=True, help="output directory (one folder per prompt + results.jsonl)")
-    io.add_argument("--mode", default=None, choices=MODES,
-                    help="single | psir | scaled (default: the checkpoint's inference.yaml, else single)")
+    io.add_argument(
+        "--mode",
+        default=None,
+        choices=MODES,
+        help="single | psir | scaled (default: the checkpoint's inference.yaml, else single)",
+    )
     io.add_argument("--seed", type=int, default=0, help="seed of text sampling and flow noise (prompt i uses seed + i)")
-    io.add_argument("--batch-size", type=int, default=None,
-                    help="prompts drawn at once in single/psir mode, each seeded by itself (same images as one at a "
-                         "time); default: 16 on CPU, by image size on a GPU")
-    io.add_argument("--shard", default=None, metavar="I/N",
-                    help="draw every N-th prompt from the I-th (separate launches into one --out); under torchrun "
-                         "the ranks shard themselves")
+    io.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="prompts drawn at once in single/psir mode, each seeded by itself (same images as one at a "
+        "time); default: 16 on CPU, by image size on a GPU",
+    )
+    io.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="draw every N-th prompt from the I-th (separate launches into one --out); under torchrun "
+        "the ranks shard themselves",
+    )
     io.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES), help="auto = bf16 on GPU, fp32 on CPU")
     io.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    io.add_argument("--attn-backend", default="sdpa", choices=("sdpa", "flex", "flash"),
-                    help="LLM attention backend (flash needs flash-attn on a CUDA GPU)")
-    io.add_argument("--tokenizer", default="auto", help="auto (checkpoint files / byte for the tiny vocab), byte, qwen2.5, DIR")
+    io.add_argument(
+        "--attn-backend",
+        default="sdpa",
+        choices=("sdpa", "flex", "flash"),
+        help="LLM attention backend (flash needs flash-attn on a CUDA GPU)",
+    )
+    io.add_argument(
+        "--tokenizer", default="auto", help="auto (checkpoint files / byte for the tiny vocab), byte, qwen2.5, DIR"
+    )
     for name in ("vae-min-size", "vae-max-size", "vit-min-size", "vit-max-size"):
-        io.add_argument(f"--{name}", type=int, default=None,
-                        help=f"image resize for context images, as training's data.{name.replace('-', '_')} "
-                             "(default: the checkpoint's image_geometry.json, else the official values)")
+        io.add_argument(
+            f"--{name}",
+            type=int,
+            default=None,
+            help=f"image resize for context images, as training's data.{name.replace('-', '_')} "
+            "(default: the checkpoint's image_geometry.json, else the official values)",
+        )
 
     add_option_flags(parser, OPTION_FLAGS)
     g = parser.add_argument_group("options without a value")
-    g.add_argument("--fallback-image", action="store_true",
-                   help="psir/scaled: when a stream draws nothing, save a single-mode image as final.png (noted in meta)")
-    g.add_argument("--resolution", default=None, help="HxW pixels (multiples of the latent stride); auto = the largest "
-                                                       "the model allows up to 1024x1024 (default: the checkpoint's, else auto)")
+    g.add_argument(
+        "--fallback-image",
+        action="store_true",
+        help="psir/scaled: when a stream draws nothing, save a single-mode image as final.png (noted in meta)",
+    )
+    g.add_argument(
+        "--resolution",
+        default=None,
+        help="HxW pixels (multiples of the latent stride); auto = the largest "
+        "the model allows up to 1024x1024 (default: the checkpoint's, else auto)",
+    )
     g.add_argument("--no-rollback", action="store_true", help="scaled: keep a worse step instead of rolling back")
     add_set_argument(parser, "options.flow.num_timesteps=11 (any GenerateOptions key under options.)")
 
@@ -185,11 +218,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from e
 
-    geometry = {k: getattr(args, k) for k in ("vae_min_size", "vae_max_size", "vit_min_size", "vit_max_size")
-                if getattr(args, k) is not None}
+    geometry = {
+        k: getattr(args, k)
+        for k in ("vae_min_size", "vae_max_size", "vit_min_size", "vit_max_size")
+        if getattr(args, k) is not None
+    }
     prompts = read_prompts(args)  # bad input fails before the model loads
-    generator = Generator.from_pretrained(args.ckpt, dtype=args.dtype, device=args.device, tokenizer=args.tokenizer,
-                                          geometry=geometry, attn_backend=args.attn_backend)
+    generator = Generator.from_pretrained(
+        args.ckpt,
+        dtype=args.dtype,
+        device=args.device,
+        tokenizer=args.tokenizer,
+        geometry=geometry,
+        attn_backend=args.attn_backend,
+    )
     options = options_from_args(args, generator.engine.max_image_side)
     generator.engine.latent_grid(options.flow.height, options.flow.width)  # fail early on a bad resolution
     mine = shard.select(list(enumerate(prompts)))  # (global index, prompt): prompt i keeps seed + i in any shard
@@ -202,16 +244,24 @@ def run(args: argparse.Namespace) -> int:
         i, prompt = mine[k]
         drawn += result.image is not None
         folder = result.save(out, name=f"{i:04d}-{result.trajectory.id}")
-        line = {"index": i, "prompt": prompt, "folder": folder.name, "cost": asdict(result.cost),
-                "stop_reason": result.trajectory.meta.get("stop_reason"),
-                "failure": result.trajectory.meta.get("failure"), "has_image": result.image is not None}
+        line = {
+            "index": i,
+            "prompt": prompt,
+            "folder": folder.name,
+            "cost": asdict(result.cost),
+            "stop_reason": result.trajectory.meta.get("stop_reason"),
+            "failure": result.trajectory.meta.get("failure"),
+            "has_image": result.image is not None,
+        }
         append_line(out / "results.jsonl", json.dumps(line))
         if len(prompts) == 1:
             print(f"{folder / 'index.html'}  ({line['stop_reason']}; cost {line['cost']})")
     if jobs and not drawn:  # e.g. psir on a model that was not PSIR-trained: it never opens an image
-        raise SystemExit(f"no image drawn in {options.mode} mode for any of {len(jobs)} prompt(s) (stop reasons in "
-                         f"{out / 'results.jsonl'}); a checkpoint not trained on PSIR trajectories draws in "
-                         "--mode single, or add --fallback-image")
+        raise SystemExit(
+            f"no image drawn in {options.mode} mode for any of {len(jobs)} prompt(s) (stop reasons in "
+            f"{out / 'results.jsonl'}); a checkpoint not trained on PSIR trajectories draws in "
+            "--mode single, or add --fallback-image"
+        )
     return 0
 
 

@@ -37,7 +37,9 @@ USER_ERRORS = (UserError, OSError, ValueError, KeyError)
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser: every subcommand is listed, but only `command`'s module is imported (start-up
     stays fast: `bagel-ft --help` imports none, `bagel-ft train ...` imports only `commands.train`)."""
-    parser = argparse.ArgumentParser(prog="bagel-ft", description="Plan -> Sketch -> Inspect -> Refine for BAGEL models")
+    parser = argparse.ArgumentParser(
+        prog="bagel-ft", description="Plan -> Sketch -> Inspect -> Refine for BAGEL models"
+    )
     parser.add_argument("--version", action="version", version=f"bagel-ft {VERSION}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -127,7 +127,9 @@ def format_words(table: dict[float, dict[str, float]]) -> str:
 
 def format_rows(rows: list[Row]) -> str:
     lines = ["| t | MSE, true t | MSE, told t = 0.5 | MSE, no prompt | conditioning gain |", "|---|---|---|---|---|"]
-    lines += [f"| {r.t} | {r.true_t:.3f} | {r.told_half:.3f} | {r.no_prompt:.3f} | {r.conditioning_gain:+.1%} |" for r in rows]
+    lines += [
+        f"| {r.t} | {r.true_t:.3f} | {r.told_half:.3f} | {r.no_prompt:.3f} | {r.conditioning_gain:+.1%} |" for r in rows
+    ]
     return "\n".join(lines)
 
 

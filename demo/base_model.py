@@ -362,7 +362,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.save_pretrained(args.out)
         load_tokenizer(work / "run" / "export").save_pretrained(args.out)
         ImageGeometry.from_dir(work / "run" / "export").save_dir(args.out)  # the sizes it was trained at
-        save_checkpoint_options(args.out, {"flow": to_dict(FlowDefaults())}, "the shapes base's settings (demo.base_model.FlowDefaults)")
+        save_checkpoint_options(
+            args.out, {"flow": to_dict(FlowDefaults())}, "the shapes base's settings (demo.base_model.FlowDefaults)"
+        )
 
     stage("export", False, do_export)
     result = {"stage_seconds": times}

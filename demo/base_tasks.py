@@ -101,7 +101,9 @@ def edit_record(edit: Edit, seed: int) -> Trajectory:
     return Trajectory("", turns, [before, after], subset="edit", meta=meta)
 
 
-def verdict_record(graph: SceneGraph, layout: Layout, rng: random.Random, seed: int, positive: bool) -> Trajectory | None:
+def verdict_record(
+    graph: SceneGraph, layout: Layout, rng: random.Random, seed: int, positive: bool
+) -> Trajectory | None:
     """A true pair or a near miss (`scene_graphs.shapes.tasks`); None when the tried mistake is not visible."""
     pair = true_pair(graph, layout) if positive else near_miss(graph, layout, rng)
     if pair is None or pair.consistent != positive:

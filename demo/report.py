@@ -271,8 +271,11 @@ def psir_strips(layout: Layout) -> list[str]:
     return out
 
 
-COLUMNS = (("base-single", "base, single pass"), ("finetuned-single", "fine-tuned, single pass"),
-           ("finetuned-psir", "fine-tuned, PSIR (final image)"))  # eval run name (EVAL_RUNS) -> column title
+COLUMNS = (
+    ("base-single", "base, single pass"),
+    ("finetuned-single", "fine-tuned, single pass"),
+    ("finetuned-psir", "fine-tuned, PSIR (final image)"),
+)  # eval run name (EVAL_RUNS) -> column title
 
 
 SHOWN_REASONS = 2  # judge's reasons shown under an image
@@ -283,7 +286,11 @@ def _judged(run: Run, rec: dict[str, Any] | None) -> str:
     if rec is None:
         return "<td class='note'>not drawn yet</td>"
     path = run.path / rec["image"]
-    img = f"<img class='cmp' src='{thumbnail(Image.open(path), 128)}' alt='{html.escape(rec['key'])}'>" if path.is_file() else ""
+    img = (
+        f"<img class='cmp' src='{thumbnail(Image.open(path), 128)}' alt='{html.escape(rec['key'])}'>"
+        if path.is_file()
+        else ""
+    )
     mark = "<div class='ok'>✓ correct</div>" if rec["correct"] else "<div class='wrong'>✗ wrong</div>"
     said = rec.get("reasons") or []
     reasons = "".join(f"<div class='reason'>{html.escape(r)}</div>" for r in said[:SHOWN_REASONS])
@@ -306,7 +313,9 @@ def stream_row(run: Run, rec: dict[str, Any]) -> str:
         traj = load_trajectory(run.path / rec["trajectory"])
     except (OSError, ValueError) as e:  # FormatError is a ValueError: say so, keep the page
         return f"<p class='reason'>trajectory unreadable: {html.escape(str(e))}</p>"
-    cards = trajectory_cards(traj, lambda i: thumbnail(traj.images[i]), format_failure_card(failure or traj.meta.get("failure")))
+    cards = trajectory_cards(
+        traj, lambda i: thumbnail(traj.images[i]), format_failure_card(failure or traj.meta.get("failure"))
+    )
     drafts = sum(t.is_image for t in traj.turns)
     texts, steps = len(traj.turns) - drafts, (rec.get("cost") or {}).get("flow_steps", 0)
     summary = (f"PSIR stream: {drafts} draft{'s' if drafts != 1 else ''}, {texts} text turn{'s' if texts != 1 else ''}, "
@@ -369,10 +378,12 @@ def write_report(root: str | Path) -> Path:
     runs = load_runs([layout.eval(name) for name, _, _ in EVAL_RUNS.values()
                       if (layout.eval(name) / "summary.json").is_file()])  # fmt: skip
     train = training_summary(layout.train)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>bagel-ft demo</title>"
-             f"<style>{PAGE_STYLE}</style></head><body>",
-             "<h1>bagel-ft demo: Plan → Sketch → Inspect → Refine on the shapes world</h1>",
-             f"<p class='note'>{header(layout, settings, runs, train)}</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>bagel-ft demo</title>"
+        f"<style>{PAGE_STYLE}</style></head><body>",
+        "<h1>bagel-ft demo: Plan → Sketch → Inspect → Refine on the shapes world</h1>",
+        f"<p class='note'>{header(layout, settings, runs, train)}</p>",
+    ]
     md = ["# bagel-ft demo", ""]
 
     def table(title: str, t: tuple[list[str], list[list[str]]] | None) -> None:

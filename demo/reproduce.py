@@ -98,7 +98,9 @@ class ReproSettings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # which arms to train (experiments: a subset)
     data_overrides: list[str] = field(default_factory=list)  # data_gen config overrides, e.g. pipeline.edit_prob=0
     inference_overrides: list[str] = field(default_factory=list)  # e.g. options.budget.max_images=3 (every eval)
-    replay: float = 0.3  # share of every arm's mixture given to base records (the unified mixture; chosen on validation)
+    replay: float = (
+        0.3  # share of every arm's mixture given to base records (the unified mixture; chosen on validation)
+    )
     eval_set: str = "shapes"  # shapes (ShapesEval) | validation (generated prompts, for choosing settings)
     eval_limit: int = 40  # prompts per category (ShapesEval: 40 = all 400; x seeds = images per category and arm)
     threads: int = 1  # torch CPU threads (see demo.pipeline.DemoSettings.threads)
@@ -395,8 +397,17 @@ def bootstrap_ci(records: dict[int, list[dict]], draws: int = 2000, seed: int = 
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()}
 
 
-STREAM_KEYS = ("no_image", "format_failure", "plan_ok", "draws_plan", "first_right", "final_right", "overplans",
-               "says_consistent", "inspect_right")
+STREAM_KEYS = (
+    "no_image",
+    "format_failure",
+    "plan_ok",
+    "draws_plan",
+    "first_right",
+    "final_right",
+    "overplans",
+    "says_consistent",
+    "inspect_right",
+)
 
 
 def stream_diagnostics(run: Path) -> dict[str, float]:
@@ -445,7 +456,9 @@ def stream_diagnostics(run: Path) -> dict[str, float]:
                 says = "inconsistent" not in t.text
                 inspects += 1
                 counts["says_consistent"] += says
-                counts["inspect_right"] += plan is not None and image is not None and says == check(image, plan).consistent
+                counts["inspect_right"] += (
+                    plan is not None and image is not None and says == check(image, plan).consistent
+                )
         if plans and plans[-1] is not None:
             counts["plan_ok"] += not plan_problems(plans[-1], wanted, final=True)
             counts["draws_plan"] += bool(images) and check(images[-1], plans[-1]).consistent

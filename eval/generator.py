@@ -66,8 +66,9 @@ def generate(generator: ImageGenerator, prompt: str, seed: int) -> Generation:
     return _finish(generator(prompt, seed), time.perf_counter() - start)
 
 
-def generate_many(generator: ImageGenerator, jobs: list[tuple[str, int]],
-                  batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
+def generate_many(
+    generator: ImageGenerator, jobs: list[tuple[str, int]], batch_size: int | None = None
+) -> Iterator[tuple[int, Generation]]:
     """`generate` for every (prompt, seed) job -> (index in jobs, Generation) as each one finishes. A
     generator with a `generate_many(jobs, batch_size)` method runs them batched (batch_size None: its
     default), any other one job after the other."""
@@ -167,8 +168,9 @@ class InferenceGenerator:
     def __call__(self, prompt: str, seed: int) -> Generation:
         return self._generation(self._generator.generate(prompt, mode=self.mode, seed=seed))
 
-    def generate_many(self, jobs: list[tuple[str, int]],
-                      batch_size: int | None = None) -> Iterator[tuple[int, Generation]]:
+    def generate_many(
+        self, jobs: list[tuple[str, int]], batch_size: int | None = None
+    ) -> Iterator[tuple[int, Generation]]:
         """Every (prompt, seed) job batched (`inference.Generator.generate_many`; None = its default size)."""
         for index, result in self._generator.generate_many(jobs, mode=self.mode, batch_size=batch_size):
             yield index, self._generation(result)

@@ -140,8 +140,9 @@ def generate_geneval(
             stats["generated_prompts"] += 1
     jobs = [(f, s) for f in folders for s in sorted(f.todo)]
     requests = [(f.meta["prompt"], sample_seed(seed, f.index, s)) for f, s in jobs]
-    for i, g in tqdm(generate_many(generator, requests, batch_size), desc="geneval", total=len(jobs),
-                     disable=not progress):
+    for i, g in tqdm(
+        generate_many(generator, requests, batch_size), desc="geneval", total=len(jobs), disable=not progress
+    ):
         folder, sample = jobs[i]
         if folder.add(sample, requests[i][1], g):  # its last sample: the folder is in place
             stats["generated_prompts"] += 1

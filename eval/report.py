@@ -176,13 +176,16 @@ def markdown_report(runs: list[Run]) -> str:
 
 
 # ---- HTML -----------------------------------------------------------------------------------------------
-STYLE = """
+STYLE = (
+    """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; } td, th { border: 1px solid #ccc; padding: 4px 8px; }
 th { background: #f3f3f3; }
 .fail { display: inline-block; vertical-align: top; width: 200px; margin: 4px; font-size: 0.8em; }
 .reason { color: #b00020; white-space: pre-wrap; } img { image-rendering: pixelated; }
-""" + CARD_STYLE
+"""
+    + CARD_STYLE
+)
 
 
 def thumbnail(image: Image.Image, size: int = THUMB) -> str:

@@ -141,9 +141,17 @@ def save_sample(out: Path, stem: str, generation: Any, seed: int, ids: dict[str,
     if generation.trajectory is not None:
         traj = f"trajectories/{stem}.traj"
         save_trajectory(out / traj, generation.trajectory)
-    write_json_atomic(out / "gen" / f"{stem}.json", {**ids, "seed": seed, "cost": generation.cost, "trajectory": traj,
-                                                     "no_image": generation.no_image,
-                                                     "failure": generation.failure})
+    write_json_atomic(
+        out / "gen" / f"{stem}.json",
+        {
+            **ids,
+            "seed": seed,
+            "cost": generation.cost,
+            "trajectory": traj,
+            "no_image": generation.no_image,
+            "failure": generation.failure,
+        },
+    )
     save_png_atomic(out / "images" / f"{stem}.png", generation.image)
 
 

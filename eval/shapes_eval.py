@@ -230,5 +230,7 @@ def score_images(prompts: list[Any], images: list[Image.Image]) -> dict[str, Any
     for prompt, image in zip(prompts, images, strict=True):
         verdict = shapes.check(image.convert("RGB"), prompt.graph)
         checks = sub_checks(verdict, prompt.graph)
-        records.append({"category": prompt.tag, "correct": verdict.consistent, "score": verdict.score, "checks": checks})
+        records.append(
+            {"category": prompt.tag, "correct": verdict.consistent, "score": verdict.score, "checks": checks}
+        )
     return summarize(records)

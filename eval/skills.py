@@ -161,7 +161,9 @@ def _edit(engine, out: Path, config: SkillsConfig, canvas: int) -> list[dict]:
             verdict = check(image, edit.after)
             kept = [_kept(verdict.detections, edit.after.object(o), box)
                     for o in edit.unchanged for box in edit.after_layout.boxes[o]]  # fmt: skip
-            relation = [bool(r.ok) for r in verdict.requirements if r.kind == "relation"] if op in ("add", "move") else []
+            relation = (
+                [bool(r.ok) for r in verdict.requirements if r.kind == "relation"] if op in ("add", "move") else []
+            )
             return {"op": op, "instruction": edit.instruction, "correct": verdict.consistent, "kept": kept,
                     "relation": relation, "reasons": verdict.reasons}  # fmt: skip
 
@@ -239,7 +241,9 @@ def _t2i_summary(rows: list[dict]) -> dict:
 
 
 def _edit_summary(rows: list[dict]) -> dict:
-    ops = {op: _mean([r["correct"] for r in rows if r["op"] == op]) for op in EDIT_OPS if any(r["op"] == op for r in rows)}
+    ops = {
+        op: _mean([r["correct"] for r in rows if r["op"] == op]) for op in EDIT_OPS if any(r["op"] == op for r in rows)
+    }
     kept = [k for r in rows for k in r["kept"]]
     relation = [k for r in rows for k in r["relation"]]
     return {"edit": _mean([r["correct"] for r in rows]), "edit_ops": ops,

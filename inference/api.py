@@ -77,9 +77,17 @@ class Generator:
         self._built: dict[str, Verifier] = {}
 
     @classmethod
-    def from_pretrained(cls, ckpt: str | Path, options: GenerateOptions | None = None, dtype: str = "auto",
-                        device: str = "auto", tokenizer: str = "auto", geometry: ImageGeometry | dict | None = None,
-                        verifier: Verifier | None = None, attn_backend: str = "sdpa") -> Generator:
+    def from_pretrained(
+        cls,
+        ckpt: str | Path,
+        options: GenerateOptions | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        tokenizer: str = "auto",
+        geometry: ImageGeometry | dict | None = None,
+        verifier: Verifier | None = None,
+        attn_backend: str = "sdpa",
+    ) -> Generator:
         """dtype auto = bf16 on GPU, fp32 on CPU; device auto = cuda if available (under torchrun: the rank's
         own GPU, cuda:$LOCAL_RANK)."""
         device, dtype = resolve_device(device, dtype)
@@ -94,21 +102,28 @@ class Generator:
             self._built[options.verifier] = build_verifier(options.verifier, self.engine, options.critic)
         return self._built[options.verifier]
 
-    def resolve(self, mode: str | None = None, seed: int | None = None,
-                options: GenerateOptions | None = None) -> GenerateOptions:
+    def resolve(
+        self, mode: str | None = None, seed: int | None = None, options: GenerateOptions | None = None
+    ) -> GenerateOptions:
         """The options of one call: `options` (else the generator's), with `mode` / `seed` if given."""
-        opts = dataclasses.replace(options or self.options,
-                                   **{k: v for k, v in {"mode": mode, "seed": seed}.items() if v is not None})
+        opts = dataclasses.replace(
+            options or self.options, **{k: v for k, v in {"mode": mode, "seed": seed}.items() if v is not None}
+        )
         if opts.mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {opts.mode!r}")
         return opts
 
     @batchable
-    def generate(self, prompt: str, mode: str | None = None, seed: int | None = None,
-                 options: GenerateOptions | None = None) -> Steps[Result]:
+    def generate(
+        self, prompt: str, mode: str | None = None, seed: int | None = None, options: GenerateOptions | None = None
+    ) -> Steps[Result]:
         opts = self.resolve(mode, seed, options)
-        meta = {"seed": opts.seed, "source": f"inference:{opts.mode}", "mode": opts.mode,
-                "settings": _settings_dict(opts)}
+        meta = {
+            "seed": opts.seed,
+            "source": f"inference:{opts.mode}",
+            "mode": opts.mode,
+            "settings": _settings_dict(opts),
+        }
         if opts.mode == "single":
             stream = yield from run_single.steps(self.engine, prompt, opts.flow, opts.seed)
             return Result(prompt, stream.last_image, stream.to_trajectory(meta), stream.cost)
@@ -117,8 +132,12 @@ class Generator:
             result = Result(prompt, stream.last_image, stream.to_trajectory(meta), stream.cost)
         else:
             found = search(self.engine, prompt, self.verifier(opts), opts.psir(), opts.scaling, opts.seed)
-            report = {"verifier": opts.verifier, "candidates": [c.to_dict() for c in found.candidates],
-                      "events": found.events, "best": found.best.to_dict() if found.best else None}
+            report = {
+                "verifier": opts.verifier,
+                "candidates": [c.to_dict() for c in found.candidates],
+                "events": found.events,
+                "best": found.best.to_dict() if found.best else None,
+            }
             stream = found.best.state if found.best else (found.candidates[0].state if found.candidates else None)
             traj = stream.to_trajectory({**meta, "search": report}) if stream else Trajectory(prompt, [], meta=meta)
             result = Result(prompt, found.image, traj, found.cost, report)
@@ -129,9 +148,13 @@ class Generator:
             result.trajectory.meta["fallback_image"] = "the stream drew no image; final.png is a single-mode image"
         return result
 
-    def generate_many(self, jobs: Iterable[tuple[str, int]], mode: str | None = None,
-                      options: GenerateOptions | None = None,
-                      batch_size: int | None = None) -> Iterator[tuple[int, Result]]:
+    def generate_many(
+        self,
+        jobs: Iterable[tuple[str, int]],
+        mode: str | None = None,
+        options: GenerateOptions | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[tuple[int, Result]]:
         """`generate(prompt, seed=seed)` for every (prompt, seed) of `jobs`, up to `batch_size` samples in flight
         (None: `default_batch_size`) -> (index in jobs, Result) as each one finishes. Scaled mode runs one
         prompt at a time (its search calls the verifier between steps). In a batch, `cost.wall_s` is the
@@ -147,12 +170,18 @@ class Generator:
                 done.value.cost.wall_s = done.wall_s
             yield done.index, done.value
 
-    def edit(self, image: Image.Image, instruction: str, seed: int | None = None,
-             flow: FlowSettings | None = None) -> Image.Image:
+    def edit(
+        self, image: Image.Image, instruction: str, seed: int | None = None, flow: FlowSettings | None = None
+    ) -> Image.Image:
         """Edit `image` by `instruction` (official edit mode; the release's edit CFG unless `flow` is given;
         output size = the input's after the VAE resize). data_gen's `bagel` editor can call this."""
-        image, _cost = run_edit(self.engine, image, instruction, flow or dataclasses.replace(
-            EDIT_FLOW, num_timesteps=self.options.flow.num_timesteps), self.options.seed if seed is None else seed)
+        image, _cost = run_edit(
+            self.engine,
+            image,
+            instruction,
+            flow or dataclasses.replace(EDIT_FLOW, num_timesteps=self.options.flow.num_timesteps),
+            self.options.seed if seed is None else seed,
+        )
         return image
 
 
@@ -188,9 +217,15 @@ def load(ckpt: str | Path, **kwargs: Any) -> Generator:
     return Generator.from_pretrained(ckpt, **kwargs)
 
 
-def generate(prompt: str, ckpt: str | Path | None = None, generator: Generator | None = None,
-             mode: str | None = None, seed: int | None = None, options: GenerateOptions | None = None,
-             **load_kwargs: Any) -> Result:
+def generate(
+    prompt: str,
+    ckpt: str | Path | None = None,
+    generator: Generator | None = None,
+    mode: str | None = None,
+    seed: int | None = None,
+    options: GenerateOptions | None = None,
+    **load_kwargs: Any,
+) -> Result:
     """One-shot: load `ckpt` (or use `generator`) and generate for one prompt."""
     if generator is None:
         if ckpt is None:

@@ -98,9 +98,15 @@ class Engine:
         self.geometry = (geometry or ImageGeometry()).within(self.config)
 
     @classmethod
-    def from_pretrained(cls, ckpt: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                        tokenizer: str = "auto", geometry: ImageGeometry | dict | None = None,
-                        attn_backend: str = "sdpa") -> Engine:
+    def from_pretrained(
+        cls,
+        ckpt: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        tokenizer: str = "auto",
+        geometry: ImageGeometry | dict | None = None,
+        attn_backend: str = "sdpa",
+    ) -> Engine:
         """Load a checkpoint dir; tokenizer "auto" = the dir's tokenizer files, else the byte tokenizer for a
         byte-vocabulary (tiny) model, else the offline Qwen2.5 build; geometry None = the dir's
         image_geometry.json or the official defaults (a dict overrides fields of that); attn_backend: sdpa |
@@ -165,9 +171,16 @@ class Engine:
 
     # ---- text ------------------------------------------------------------------------------------------
     @batchable
-    def decode_text(self, ctx: Context, settings: TextSettings | None = None, generator: torch.Generator | None = None,
-                    prefix: list[int] = (), stop_ids: tuple[int, ...] | None = None, start_id: int | None = None,
-                    keep_step_logits: bool = False) -> Steps[DecodeResult]:
+    def decode_text(
+        self,
+        ctx: Context,
+        settings: TextSettings | None = None,
+        generator: torch.Generator | None = None,
+        prefix: list[int] = (),
+        stop_ids: tuple[int, ...] | None = None,
+        start_id: int | None = None,
+        keep_step_logits: bool = False,
+    ) -> Steps[DecodeResult]:
         """Feed `start_id` (bos) and the forced `prefix`, then sample until a stop token (fed too) or
         `max_tokens` generated tokens (forced ones count). Appends everything fed to `ctx`."""
         s = settings or TextSettings()
@@ -182,8 +195,12 @@ class Engine:
             last = yield from self.feed_tokens.steps(ctx, ids[-1:])
             if keep_step_logits:
                 steps.append(last[None])
-        return DecodeResult(ids=ids, finished=bool(ids) and ids[-1] in stop, last_logits=last,
-                            step_logits=torch.cat(steps) if keep_step_logits else None)
+        return DecodeResult(
+            ids=ids,
+            finished=bool(ids) and ids[-1] in stop,
+            last_logits=last,
+            step_logits=torch.cat(steps) if keep_step_logits else None,
+        )
 
     @torch.no_grad()
     def continuation_logprobs(self, ctx: Context, prefix: list[int], continuations: list[list[int]]) -> list[float]:
@@ -230,12 +247,21 @@ class Engine:
 
     def check_tokens(self, x_t: Tensor, n: int) -> None:
         if x_t.shape != (n, self.config.patch_latent_dim):
-            raise ValueError(f"latent tokens: expected shape ({n}, {self.config.patch_latent_dim}), got {tuple(x_t.shape)}")
+            raise ValueError(
+                f"latent tokens: expected shape ({n}, {self.config.patch_latent_dim}), got {tuple(x_t.shape)}"
+            )
 
     @batchable
-    def generate_latent(self, gen: Context, cfg_text: Context | None, cfg_img: Context | None,
-                        settings: FlowSettings | None = None, generator: torch.Generator | None = None,
-                        x_init: Tensor | None = None, trace: FlowTrace | None = None) -> Steps[Tensor]:
+    def generate_latent(
+        self,
+        gen: Context,
+        cfg_text: Context | None,
+        cfg_img: Context | None,
+        settings: FlowSettings | None = None,
+        generator: torch.Generator | None = None,
+        x_init: Tensor | None = None,
+        trace: FlowTrace | None = None,
+    ) -> Steps[Tensor]:
         """Euler-integrate from noise (x_init, else randn from `generator`) to latent tokens [N, D] (float32).
 
         gen: the full context; cfg_text: the context before the last text (needed when cfg_text_scale > 1);
@@ -244,7 +270,11 @@ class Engine:
         s = settings or FlowSettings()
         h, w = self.latent_grid(*self.image_size(s))
         n, d = h * w, self.config.patch_latent_dim
-        x = x_init.float().to(self.device) if x_init is not None else torch.randn(n, d, generator=generator).to(self.device)
+        x = (
+            x_init.float().to(self.device)
+            if x_init is not None
+            else torch.randn(n, d, generator=generator).to(self.device)
+        )
         self.check_tokens(x, n)
         timesteps, dts = inference_schedule(s.num_timesteps, s.timestep_shift)
         for t, dt in zip(timesteps.tolist(), dts.tolist(), strict=True):
@@ -257,9 +287,15 @@ class Engine:
                 if img_scale > 1.0:
                     contexts.append(_need(cfg_img, "cfg_img"))
             branches = yield [Velocity(c, x, t, h, w) for c in contexts]
-            v = cfg_combine(branches[0], branches[1] if len(branches) > 1 else None,
-                            branches[2] if len(branches) > 2 else None, text_scale, img_scale,
-                            s.cfg_renorm_type, s.cfg_renorm_min)
+            v = cfg_combine(
+                branches[0],
+                branches[1] if len(branches) > 1 else None,
+                branches[2] if len(branches) > 2 else None,
+                text_scale,
+                img_scale,
+                s.cfg_renorm_type,
+                s.cfg_renorm_min,
+            )
             if trace is not None:
                 trace.t.append(t)
                 trace.x_t.append(x)
@@ -275,8 +311,14 @@ class Engine:
         return image
 
     @batchable
-    def generate_image(self, gen: Context, cfg_text: Context | None, cfg_img: Context | None,
-                       settings: FlowSettings | None = None, generator: torch.Generator | None = None) -> Steps[Image.Image]:
+    def generate_image(
+        self,
+        gen: Context,
+        cfg_text: Context | None,
+        cfg_img: Context | None,
+        settings: FlowSettings | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Steps[Image.Image]:
         """`generate_latent` + `decode_latent` -> PIL image."""
         s = settings or FlowSettings()
         latent = yield from self.generate_latent.steps(gen, cfg_text, cfg_img, s, generator)
@@ -299,7 +341,7 @@ def to_pil(image: Tensor) -> Image.Image:
 
 
 def resolve_tokenizer(spec: str, ckpt: str | Path, vocab_size: int):
-    """"auto": the checkpoint's tokenizer files if any, else the byte tokenizer when the vocabulary is the
+    """ "auto": the checkpoint's tokenizer files if any, else the byte tokenizer when the vocabulary is the
     byte tokenizer's (the tiny model), else the offline Qwen2.5 tokenizer. Otherwise `load_tokenizer(spec)`."""
     if spec != "auto":
         return load_tokenizer(spec)

@@ -30,12 +30,15 @@ CARD_STYLE = """
 .card.failure p { margin: 0; font-size: 0.85em; }
 """
 
-STYLE = """
+STYLE = (
+    """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.2em; } .prompt { font-size: 1.1em; margin-bottom: 1em; }
 .card img { width: 240px; }
 .meta { font-size: 0.8em; color: #444; }
-""" + CARD_STYLE
+"""
+    + CARD_STYLE
+)
 
 
 def data_url(image: Image.Image, max_side: int | None = None) -> str:
@@ -95,6 +98,8 @@ def render_html(traj: Trajectory, image_paths: list[str] | None = None, title: s
         f"<div class='prompt'><b>Prompt:</b> {html.escape(traj.prompt)}</div>",
         trajectory_cards(traj, image_src, format_failure_card(failure)),
     ]
-    parts.append(f"<details><summary>meta</summary><pre class='meta'>{html.escape(json.dumps(meta, indent=1, default=str))}</pre></details>")
+    parts.append(
+        f"<details><summary>meta</summary><pre class='meta'>{html.escape(json.dumps(meta, indent=1, default=str))}</pre></details>"
+    )
     parts.append("</body></html>")
     return "\n".join(parts)

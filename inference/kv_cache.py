@@ -118,8 +118,10 @@ class KVCache:
         if len(segs) == 1:
             s = segs[0]
             return s.buf.k[s.start : s.end], s.buf.v[s.start : s.end]
-        return (torch.cat([s.buf.k[s.start : s.end] for s in segs]),
-                torch.cat([s.buf.v[s.start : s.end] for s in segs]))
+        return (
+            torch.cat([s.buf.k[s.start : s.end] for s in segs]),
+            torch.cat([s.buf.v[s.start : s.end] for s in segs]),
+        )
 
     def __len__(self) -> int:
         """Cached tokens (the official `kv_lens`), read from the last layer (complete after a forward)."""

@@ -85,21 +85,39 @@ class Stream:
     def fork(self, seed: int | None = None) -> Stream:
         """An independent continuation (new sampling seed if given); the cost so far is not duplicated."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else _copy_generator(self.generator)
-        return Stream(self.prompt, self.gen.fork(), self.cfg_text.fork(), self.cfg_img.fork(), gen,
-                      list(self.turns), list(self.images), [dict(s) for s in self.steps], Cost(), self.done,
-                      self.stop_reason, self.failure, self.subset)
+        return Stream(
+            self.prompt,
+            self.gen.fork(),
+            self.cfg_text.fork(),
+            self.cfg_img.fork(),
+            gen,
+            list(self.turns),
+            list(self.images),
+            [dict(s) for s in self.steps],
+            Cost(),
+            self.done,
+            self.stop_reason,
+            self.failure,
+            self.subset,
+        )
 
     @property
     def last_image(self) -> Image.Image | None:
         return self.images[-1] if self.images else None
 
     def to_trajectory(self, meta: dict[str, Any] | None = None) -> Trajectory:
-        meta = {"steps": self.steps, "cost": asdict(self.cost), "stop_reason": self.stop_reason,
-                "failure": self.failure, **(meta or {})}
+        meta = {
+            "steps": self.steps,
+            "cost": asdict(self.cost),
+            "stop_reason": self.stop_reason,
+            "failure": self.failure,
+            **(meta or {}),
+        }
         if self.failure is None:
             meta.pop("failure")
-        return Trajectory(prompt=self.prompt, turns=list(self.turns), images=list(self.images), subset=self.subset,
-                          meta=meta)
+        return Trajectory(
+            prompt=self.prompt, turns=list(self.turns), images=list(self.images), subset=self.subset, meta=meta
+        )
 
 
 def _copy_generator(g: torch.Generator) -> torch.Generator:
@@ -191,15 +209,23 @@ def text_turn(engine: Engine, stream: Stream, settings: PSIRSettings, forced: Fo
         prefix = tok.encode(forced.prefix)
     room = budget.max_tokens - stream.cost.tokens
     limit = min(settings.text.max_tokens, room)
-    out = yield from engine.decode_text.steps(stream.gen, replace(settings.text, max_tokens=max(limit, len(prefix))),
-                                              stream.generator, prefix=prefix)
+    out = yield from engine.decode_text.steps(
+        stream.gen, replace(settings.text, max_tokens=max(limit, len(prefix))), stream.generator, prefix=prefix
+    )
     stream.cost.tokens += len(out.ids)
     body = out.ids[:-1] if out.finished else out.ids
     text = tok.decode(body, skip_special_tokens=True)
-    step = {"index": len(stream.steps), "text": text, "tokens": len(out.ids), "finished": out.finished,
-            "forced": forced.text is not None or bool(forced.prefix)}
+    step = {
+        "index": len(stream.steps),
+        "text": text,
+        "tokens": len(out.ids),
+        "finished": out.finished,
+        "forced": forced.text is not None or bool(forced.prefix),
+    }
     stream.steps.append(step)
-    role, problem = classify(text) if out.finished else (None, f"unterminated text: no <|im_end|> within {limit} tokens")
+    role, problem = (
+        classify(text) if out.finished else (None, f"unterminated text: no <|im_end|> within {limit} tokens")
+    )
     if role is None:
         stream.failure = {"step": step["index"], "reason": problem, "text": text[:500]}
         return _end(stream, "format_failure")
@@ -232,8 +258,9 @@ def _end(stream: Stream, reason: str) -> str:
 
 
 @batchable
-def advance(engine: Engine, stream: Stream, settings: PSIRSettings,
-            script: list[ForcedTurn] | None = None) -> Steps[bool]:
+def advance(
+    engine: Engine, stream: Stream, settings: PSIRSettings, script: list[ForcedTurn] | None = None
+) -> Steps[bool]:
     """Run text turns until one image is drawn (True) or the stream ends (False). `script` is consumed
     from the front, one entry per text turn."""
     budget = settings.budget
@@ -259,8 +286,13 @@ def advance(engine: Engine, stream: Stream, settings: PSIRSettings,
 
 
 @batchable
-def run_psir(engine: Engine, prompt: str, settings: PSIRSettings | None = None, seed: int = 0,
-             script: list[ForcedTurn] | None = None) -> Steps[Stream]:
+def run_psir(
+    engine: Engine,
+    prompt: str,
+    settings: PSIRSettings | None = None,
+    seed: int = 0,
+    script: list[ForcedTurn] | None = None,
+) -> Steps[Stream]:
     """The whole loop for one prompt -> the finished stream (`.to_trajectory()`, `.last_image`, `.cost`)."""
     settings = settings or PSIRSettings()
     start = time.perf_counter()
@@ -290,8 +322,9 @@ EDIT_FLOW = FlowSettings(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.
 
 
 @batchable
-def run_edit(engine: Engine, image: Image.Image, instruction: str, flow: FlowSettings | None = None,
-             seed: int = 0) -> Steps[tuple[Image.Image, Cost]]:
+def run_edit(
+    engine: Engine, image: Image.Image, instruction: str, flow: FlowSettings | None = None, seed: int = 0
+) -> Steps[tuple[Image.Image, Cost]]:
     """Image editing (official interleaved inferencer with [image, instruction]): the image as context
     (clean VAE + ViT), the instruction, then one image of the input's size. cfg_text = the image only,
     cfg_img = the instruction only."""

@@ -42,9 +42,15 @@ class Candidate:
     state: Stream = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stream": self.stream, "iteration": self.iteration, "index": self.index, "score": self.score,
-                "critique": self.critique.to_dict() if self.critique else None,
-                "stop_reason": self.state.stop_reason, "images": len(self.state.images)}
+        return {
+            "stream": self.stream,
+            "iteration": self.iteration,
+            "index": self.index,
+            "score": self.score,
+            "critique": self.critique.to_dict() if self.critique else None,
+            "stop_reason": self.state.stop_reason,
+            "images": len(self.state.images),
+        }
 
 
 @dataclass
@@ -62,8 +68,15 @@ class SearchResult:
 Script = Callable[[Stream], list[ForcedTurn]]  # forced turns for one candidate's step (tests / fixed policies)
 
 
-def search(engine: Engine, prompt: str, verifier: Verifier, settings: PSIRSettings | None = None,
-           scaling: ScalingSettings | None = None, seed: int = 0, script: Script | None = None) -> SearchResult:
+def search(
+    engine: Engine,
+    prompt: str,
+    verifier: Verifier,
+    settings: PSIRSettings | None = None,
+    scaling: ScalingSettings | None = None,
+    seed: int = 0,
+    script: Script | None = None,
+) -> SearchResult:
     """The P x I x k search (module docstring) for one prompt."""
     settings, scaling = settings or PSIRSettings(), scaling or ScalingSettings()
     start = time.perf_counter()
@@ -106,7 +119,9 @@ def search(engine: Engine, prompt: str, verifier: Verifier, settings: PSIRSettin
             events.append(event)
             if action == "STOP" or state.done:
                 break
-            sub_prompt = best.critique.sub_prompt if scaling.use_sub_prompt and action in ("CONTINUE", "BACKTRACK") else ""
+            sub_prompt = (
+                best.critique.sub_prompt if scaling.use_sub_prompt and action in ("CONTINUE", "BACKTRACK") else ""
+            )
             forced = ForcedTurn(text=refine_text(sub_prompt), decision=DRAW) if sub_prompt else None
     cost.wall_s = time.perf_counter() - start
     scored = [c for c in candidates if c.score is not None]

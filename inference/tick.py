@@ -101,8 +101,10 @@ def execute(engine: Engine, ops: list) -> list:
     attending only to its own context's cache (`AttentionSpec.with_cache`, `PackedCaches`)."""
     _check_tick(ops)
     results: list = [None] * len(ops)
-    picked = {kind: [(i, op) for i, op in enumerate(ops) if isinstance(op, kind)]
-              for kind in (Tokens, Velocity, CleanImage, DecodeLatent)}
+    picked = {
+        kind: [(i, op) for i, op in enumerate(ops) if isinstance(op, kind)]
+        for kind in (Tokens, Velocity, CleanImage, DecodeLatent)
+    }
     samples = _text_samples(engine, picked[Tokens]) + _image_samples(engine, picked[Velocity], picked[CleanImage])
     hidden = _forward(engine, samples) if samples else []
     texts = [(s, h) for s, h in zip(samples, hidden, strict=True) if isinstance(ops[s.op], Tokens)]
@@ -143,8 +145,9 @@ def _forward(engine: Engine, samples: list[_Sample]) -> list[Tensor]:
     gen = [s.gen + start for s, start in zip(samples, starts, strict=True) if s.gen is not None]
     rows = torch.cat([s.rows for s in samples])
     positions = torch.tensor([i for s in samples for i in s.segment.position_ids], device=engine.device)
-    hidden = engine.model.language_model(rows, positions, spec, mode="gen" if gen else "und",
-                                         gen_indexes=torch.cat(gen) if gen else None, cache=caches)
+    hidden = engine.model.language_model(
+        rows, positions, spec, mode="gen" if gen else "und", gen_indexes=torch.cat(gen) if gen else None, cache=caches
+    )
     return list(hidden.split(lens))
 
 
@@ -155,12 +158,15 @@ def _text_samples(engine: Engine, picked: list[tuple[int, Tokens]]) -> list[_Sam
         raise ValueError("Tokens: an op with no token ids")
     lens = [len(op.ids) for _, op in picked]
     rows = engine.model.embed_text(_ids(engine, [t for _, op in picked for t in op.ids])).split(lens)
-    return [_Sample(i, op.ctx, r, text_segment(op.ctx.kv_len, op.ctx.rope, len(op.ids)), None, True)
-            for (i, op), r in zip(picked, rows, strict=True)]
+    return [
+        _Sample(i, op.ctx, r, text_segment(op.ctx.kv_len, op.ctx.rope, len(op.ids)), None, True)
+        for (i, op), r in zip(picked, rows, strict=True)
+    ]
 
 
-def _image_samples(engine: Engine, flows: list[tuple[int, Velocity]],
-                   cleans: list[tuple[int, CleanImage]]) -> list[_Sample]:
+def _image_samples(
+    engine: Engine, flows: list[tuple[int, Velocity]], cleans: list[tuple[int, CleanImage]]
+) -> list[_Sample]:
     """`<|vision_start|> inner <|vision_end|>` blocks at ctx.rope, bidirectional: noisy latents (flow
     forwards, not stored), clean VAE latents (gen expert) and ViT features (und), embedded per kind."""
     blocks = []  # (op index, ctx, inner [n, H], gen expert, store)
@@ -246,8 +252,10 @@ def _check_tick(ops: list) -> None:
     touched = Counter(id(op.ctx.cache) for op in ops if hasattr(op, "ctx"))
     twice = [type(op).__name__ for op in ops if isinstance(op, Tokens | CleanImage) and touched[id(op.ctx.cache)] > 1]
     if twice:
-        raise ValueError(f"one tick appends to a context that another op of the same tick also uses ({twice}); "
-                         "yield them one after another")
+        raise ValueError(
+            f"one tick appends to a context that another op of the same tick also uses ({twice}); "
+            "yield them one after another"
+        )
 
 
 def _ids(engine: Engine, ids: list[int]) -> Tensor:

@@ -75,10 +75,15 @@ class SelfInspectVerifier:
         else:
             ctx = stream.gen
         prefix = [engine.tokenizer.bos_id] + engine.tokenizer.encode(TAGS["inspect"][0])
-        logp = engine.continuation_logprobs(ctx, prefix, [engine.tokenizer.encode(v) for v in ("consistent", "inconsistent")])
+        logp = engine.continuation_logprobs(
+            ctx, prefix, [engine.tokenizer.encode(v) for v in ("consistent", "inconsistent")]
+        )
         p_yes = 1.0 / (1.0 + math.exp(logp[1] - logp[0]))
-        return Critique(score=p_yes, action="STOP" if p_yes > self.stop_above else "CONTINUE",
-                        reasons=[f"P(consistent)={p_yes:.3f}"])
+        return Critique(
+            score=p_yes,
+            action="STOP" if p_yes > self.stop_above else "CONTINUE",
+            reasons=[f"P(consistent)={p_yes:.3f}"],
+        )
 
 
 # ---- (2) the shapes-world judge ------------------------------------------------------------------------
@@ -98,8 +103,12 @@ class ShapesJudge:
             self._graphs[prompt] = self._shapes.parse_prompt(prompt)
         verdict = self._shapes.check(image, self._graphs[prompt])
         reasons = [str(r) for r in getattr(verdict, "reasons", [])]
-        return Critique(score=float(verdict.score), action="STOP" if verdict.consistent else "CONTINUE",
-                        sub_prompt="; ".join(reasons), reasons=reasons)
+        return Critique(
+            score=float(verdict.score),
+            action="STOP" if verdict.consistent else "CONTINUE",
+            sub_prompt="; ".join(reasons),
+            reasons=reasons,
+        )
 
 
 # ---- (3) an OpenAI-compatible VLM critic -------------------------------------------------------------------
@@ -127,10 +136,12 @@ class VLMCritic:
     def __call__(self, prompt: str, image: Image.Image, stream: Any = None) -> Critique:
         if self._client is None:
             self._client = SyncChatClient(self.endpoint, name="critic", api_key=self._key)
-        reply = self._client.complete([
-            {"role": "system", "content": CRITIC_INSTRUCTIONS},
-            {"role": "user", "content": [{"type": "text", "text": f"Prompt: {prompt}"}, image_part(image)]},
-        ])
+        reply = self._client.complete(
+            [
+                {"role": "system", "content": CRITIC_INSTRUCTIONS},
+                {"role": "user", "content": [{"type": "text", "text": f"Prompt: {prompt}"}, image_part(image)]},
+            ]
+        )
         return parse_critique(reply.text)
 
 

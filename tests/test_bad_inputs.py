@@ -84,7 +84,10 @@ def test_train_config_errors_exit_2_with_did_you_mean(capsys):
 
 def test_one_override_syntax_for_every_command(tmp_path, capsys):
     """`--set KEY=VALUE` everywhere, with the same messages (common.config)."""
-    assert main(["data", "trajectories", "--out", str(tmp_path / "d"), "--num", "2", "--set", "pipeline.image_sise=64"]) == 2
+    assert (
+        main(["data", "trajectories", "--out", str(tmp_path / "d"), "--num", "2", "--set", "pipeline.image_sise=64"])
+        == 2
+    )
     one_clear_line(capsys, "pipeline.image_sise: unknown key; did you mean pipeline.image_size?")
     shapes = ["eval", "shapes", "--ckpt", "oracle:shapes", "--out", str(tmp_path / "e"), "--quiet"]
     assert main([*shapes, "--set", "flow.num_timesteps=3"]) == 2  # inference keys live under options.

@@ -120,7 +120,9 @@ def test_base_data_writes_one_folder_per_task(tmp_path):
     assert sizes == {"t2i": 5, "caption": 3, "text": 4}
     sources = json.loads(train_overrides(tmp_path, None)[2].split("=", 1)[1])
     assert [(Path(s["path"]).name, s["weight"]) for s in sources] == [("t2i", 0.7), ("caption", 0.15), ("text", 0.15)]
-    write_base_data(tmp_path / "notext" / "data", {"t2i": 2, "caption": 1, "text": 0}, canvas=32)  # no folder, no source
+    write_base_data(
+        tmp_path / "notext" / "data", {"t2i": 2, "caption": 1, "text": 0}, canvas=32
+    )  # no folder, no source
     sources = json.loads(train_overrides(tmp_path / "notext", None)[2].split("=", 1)[1])
     assert [Path(s["path"]).name for s in sources] == ["t2i", "caption"]
 

@@ -106,7 +106,12 @@ def test_records_are_valid_chats_with_loss_on_the_models_turns():
             r.validate()
             assert Trajectory.from_row(r.to_row()).id == r.id
             for t in r.turns:
-                if t.role == "text" and t.text in (DESCRIBE, VERIFY) or t.role == "text" and r.subset in ("edit", "chat"):
+                if (
+                    t.role == "text"
+                    and t.text in (DESCRIBE, VERIFY)
+                    or t.role == "text"
+                    and r.subset in ("edit", "chat")
+                ):
                     assert not t.loss  # a user's question or instruction
         if task == "edit":
             assert all([t.loss for t in r.turns] == [False, False, True] for r in records)

@@ -29,8 +29,15 @@ from inference.settings import Budget, FlowSettings, GenerateOptions, PSIRSettin
 from inference.tick import CleanImage, Tokens, Velocity
 
 TINY_PSIR = Path(__file__).parent / "assets" / "tiny-psir"
-FLOW = FlowSettings(height=16, width=16, num_timesteps=4, cfg_text_scale=4.0, cfg_img_scale=2.0,
-                    cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
+FLOW = FlowSettings(
+    height=16,
+    width=16,
+    num_timesteps=4,
+    cfg_text_scale=4.0,
+    cfg_img_scale=2.0,
+    cfg_interval=(0.0, 1.0),
+    cfg_renorm_type="text_channel",
+)
 TOL = dict(atol=1e-5, rtol=0)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -138,8 +145,12 @@ def test_a_tick_of_every_op_kind_equals_each_op_alone(engine):
     x = torch.randn(4, engine.config.patch_latent_dim, generator=torch.Generator().manual_seed(1))
 
     def ops(a, b, c, d):
-        return [Tokens(a, [65, 66, 67], all_logits=True), Velocity(b, x, 0.7, 2, 2), CleanImage(c, image, "vae"),
-                CleanImage(d, vit, "vit")]
+        return [
+            Tokens(a, [65, 66, 67], all_logits=True),
+            Velocity(b, x, 0.7, 2, 2),
+            CleanImage(c, image, "vae"),
+            CleanImage(d, vit, "vit"),
+        ]
 
     packed_ctx = [*fresh(), engine.new_context()]
     alone_ctx = [*fresh(), engine.new_context()]
@@ -164,15 +175,21 @@ def test_a_tick_may_not_append_to_a_context_another_op_reads(engine):
 
 # ---- many samples per forward ---------------------------------------------------------------------------
 
-PROMPTS = ["a red circle", "two green triangles left of a big blue square", "one small yellow star", "a cat",
-           "three purple diamonds in a row above a circle"]
+PROMPTS = [
+    "a red circle",
+    "two green triangles left of a big blue square",
+    "one small yellow star",
+    "a cat",
+    "three purple diamonds in a row above a circle",
+]
 
 
 def latent_program(engine: Engine, prompt: str, seed: int):
     """Prompt contexts as in single mode, then the flow from the seed's own noise."""
     stream = yield from start_stream.steps(engine, prompt, seed)
-    return (yield from engine.generate_latent.steps(stream.gen, stream.cfg_text, stream.cfg_img, FLOW,
-                                                    stream.generator))
+    return (
+        yield from engine.generate_latent.steps(stream.gen, stream.cfg_text, stream.cfg_img, FLOW, stream.generator)
+    )
 
 
 def test_batched_latents_equal_each_sample_alone_in_any_batch(engine):
@@ -199,12 +216,16 @@ def test_generate_many_single_mode_equals_generate(engine):
 # ---- PSIR streams -------------------------------------------------------------------------------------------
 
 SCRIPTS = [
-    [ForcedTurn(plan_text("draw a red circle", "a red circle"), decision=DRAW),
-     ForcedTurn(inspect_text("inconsistent", "too small"), decision=TEXT),
-     ForcedTurn(refine_text("make it bigger"), decision=DRAW),
-     ForcedTurn(inspect_text("consistent"), decision=STOP)],
-    [ForcedTurn(plan_text("draw two squares", "two blue squares"), decision=DRAW),
-     ForcedTurn(inspect_text("consistent"), decision=STOP)],
+    [
+        ForcedTurn(plan_text("draw a red circle", "a red circle"), decision=DRAW),
+        ForcedTurn(inspect_text("inconsistent", "too small"), decision=TEXT),
+        ForcedTurn(refine_text("make it bigger"), decision=DRAW),
+        ForcedTurn(inspect_text("consistent"), decision=STOP),
+    ],
+    [
+        ForcedTurn(plan_text("draw two squares", "two blue squares"), decision=DRAW),
+        ForcedTurn(inspect_text("consistent"), decision=STOP),
+    ],
     [ForcedTurn(prefix="<ins>", decision=DRAW)],  # the model completes it (and may break the format)
 ]
 
@@ -214,7 +235,10 @@ def assert_same_streams(batched, alone):
     assert [t.role for t in batched.turns] == [t.role for t in alone.turns]
     assert (batched.stop_reason, batched.failure) == (alone.stop_reason, alone.failure)
     assert (batched.cost.images, batched.cost.tokens, batched.cost.flow_steps) == (
-        alone.cost.images, alone.cost.tokens, alone.cost.flow_steps)
+        alone.cost.images,
+        alone.cost.tokens,
+        alone.cost.flow_steps,
+    )
     assert len(batched.images) == len(alone.images)
     assert all(pixels_close(a, b) for a, b in zip(batched.images, alone.images, strict=True))
 
@@ -233,11 +257,24 @@ def test_forced_psir_streams_batched_equal_alone(engine):
 @pytest.mark.skipif(not TINY_PSIR.exists(), reason="tests/assets/tiny-psir not present")
 def test_free_running_psir_streams_batched_equal_alone():
     """The trained stream model decodes freely (sampled): streams of different lengths share the forwards."""
-    options = GenerateOptions(mode="psir", text=TextSettings(temperature=0.8, top_p=0.95),
-                              flow=FlowSettings(num_timesteps=5), budget=Budget(max_steps=8, max_images=3))
+    options = GenerateOptions(
+        mode="psir",
+        text=TextSettings(temperature=0.8, top_p=0.95),
+        flow=FlowSettings(num_timesteps=5),
+        budget=Budget(max_steps=8, max_images=3),
+    )
     gen = Generator.from_pretrained(TINY_PSIR, options)
-    jobs = [(p, 7 * i) for i, p in enumerate(["two green diamonds to the right of a red triangle",
-                                               "a blue circle", "three yellow squares", "a red star above a circle"])]
+    jobs = [
+        (p, 7 * i)
+        for i, p in enumerate(
+            [
+                "two green diamonds to the right of a red triangle",
+                "a blue circle",
+                "three yellow squares",
+                "a red star above a circle",
+            ]
+        )
+    ]
     execute, ticks = gen.engine.execute, []
 
     def spy(ops):  # which op kinds shared each tick
@@ -267,8 +304,11 @@ def test_moe_routing_with_few_und_rows_equals_the_gather_scatter_path(tiny_model
     layer = tiny_model.language_model.model.layers[0]
     x = torch.randn(40, tiny_model.config.llm.hidden_size, generator=torch.Generator().manual_seed(0))
     routing = qwen2.Routing.for_mode("gen", 40, torch.tensor([i for i in range(40) if i % 20 not in (0, 19)]))
-    modules = [(layer.mlp, layer.mlp_moe_gen), (layer.input_layernorm, layer.input_layernorm_moe_gen),
-               (layer.self_attn.q_proj, layer.self_attn.q_proj_moe_gen)]
+    modules = [
+        (layer.mlp, layer.mlp_moe_gen),
+        (layer.input_layernorm, layer.input_layernorm_moe_gen),
+        (layer.self_attn.q_proj, layer.self_attn.q_proj_moe_gen),
+    ]
     with torch.no_grad():
         few = [qwen2.apply_experts(u, g, x, routing) for u, g in modules]
         monkeypatch.setattr(qwen2, "FEW_ROWS", 0.0)

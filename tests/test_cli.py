@@ -36,8 +36,20 @@ def test_unknown_subcommand_is_an_error():
 
 
 def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "commands.main", "model", "--ckpt", str(tmp_path / "nope"), "--out",
-                          str(tmp_path / "o")], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "commands.main",
+            "model",
+            "--ckpt",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2, out.stderr
     assert "bagel-ft model: error:" in out.stderr and "nope" in out.stderr and "Traceback" not in out.stderr
 

@@ -130,7 +130,10 @@ def test_report_reads_as_a_person_would(finished):
     text = html.unescape(" ".join(re.findall(r"<p class='reading'>(.*?)</p>", page)))
     summary = json.loads((layout.eval("base-single") / "summary.json").read_text())
     n = summary["total_images"]
-    assert f"the base model got {round(summary['correct_images'] * n)} of {n} images right ({100 * summary['overall']:.1f}%" in text
+    assert (
+        f"the base model got {round(summary['correct_images'] * n)} of {n} images right ({100 * summary['overall']:.1f}%"
+        in text
+    )
     assert "exact McNemar test" in text and "Wilson" in text
     table = re.search(r"<table class='cmp'>(.*?)</table>", page, re.S)[1]
     assert table.count("<img class='cmp'") == 3 * n  # base, fine-tuned single, fine-tuned PSIR per prompt

@@ -99,7 +99,9 @@ def test_table_reports_mean_and_half_range_over_seeds():
     table = markdown({"rows": [row]})
     assert "| psir | psir | 30.0 | 50.0 | 50.0 |" in table  # no records: no interval
     row["ci"] = {"overall": [0.1, 0.5], "position": [0.0, 1.0]}
-    assert "| psir | psir | 30.0 [10.0, 50.0] | 50.0 [0.0, 100.0] | 50.0 | — | 50.0 ± 25.0 |" in markdown({"rows": [row]})
+    assert "| psir | psir | 30.0 [10.0, 50.0] | 50.0 [0.0, 100.0] | 50.0 | — | 50.0 ± 25.0 |" in markdown(
+        {"rows": [row]}
+    )
     assert "3.50 | 88 | 1,000, 1,200 |" in table
     assert "| psir | 25% | 0% | 50% | 50% |" in table  # where the PSIR streams go wrong
     json.dumps(row)  # results.json stays serialisable

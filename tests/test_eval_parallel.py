@@ -33,8 +33,25 @@ pytestmark = pytest.mark.skipif(not TINY.exists(), reason="shared reference chec
 
 
 def eval_args(out: Path, *extra: str) -> list[str]:
-    return ["shapes", "--ckpt", str(TINY), "--mode", "single", "--n", "2", "--limit", "2", "--subset", SUBSET,
-            "--inference-config", str(TINY_YAML), "--out", str(out), "--quiet", *extra]
+    return [
+        "shapes",
+        "--ckpt",
+        str(TINY),
+        "--mode",
+        "single",
+        "--n",
+        "2",
+        "--limit",
+        "2",
+        "--subset",
+        SUBSET,
+        "--inference-config",
+        str(TINY_YAML),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 def images(run: Path) -> dict[str, bytes]:
@@ -70,8 +87,18 @@ def test_batched_eval_draws_the_images_of_batch_one(single, tmp_path):
 
 def test_two_torchrun_ranks_write_exactly_the_single_process_run(single, tmp_path):
     out = tmp_path / "ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "commands.eval", "--", *eval_args(out, "--batch-size", "1")]  # "--": torchrun would take --n
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "commands.eval",
+        "--",
+        *eval_args(out, "--batch-size", "1"),
+    ]  # "--": torchrun would take --n
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]

@@ -24,7 +24,11 @@ def test_smoke_runs_every_section(tmp_path, reference_dir):
     out = tmp_path / "gpu"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--reference", str(reference_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": ""},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "gpu_check.md").read_text()
@@ -61,8 +65,19 @@ def test_a_failing_section_is_one_error_row_and_the_rest_still_run(tmp_path, cap
         import gpu_check
     finally:
         sys.path.remove(str(SCRIPT.parent))
-    argv = ["--smoke", "--out", str(tmp_path), "--reference", str(tmp_path / "missing"),
-            "--sections", "parity", "inference", "attention", "--budget", "inference=0.05"]
+    argv = [
+        "--smoke",
+        "--out",
+        str(tmp_path),
+        "--reference",
+        str(tmp_path / "missing"),
+        "--sections",
+        "parity",
+        "inference",
+        "attention",
+        "--budget",
+        "inference=0.05",
+    ]
     assert gpu_check.main(argv) == 1
     rows = rows_by_section(tmp_path)
     assert [r["status"] for r in rows["parity"]] == ["ERROR"]

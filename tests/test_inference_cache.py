@@ -65,17 +65,29 @@ def full_forward(engine, prompt_ids, vae_img, vit_img, text_ids, noisy_x, t):
     padded = torch.zeros(2, latent.shape[1], max(latent.shape[2], nh * 2), max(latent.shape[3], nw * 2))
     padded[0, :, : latent.shape[2], : latent.shape[3]] = latent[0]
     batch = PackedBatch(
-        sequence_length=sum(lens), sample_lens=[sum(lens)], packed_position_ids=torch.tensor(pos),
-        split_lens=lens, attn_modes=["causal", "full", "full", "causal", "noise"],
-        packed_text_ids=torch.tensor(text_ids_all), packed_text_indexes=torch.tensor(text_idx),
+        sequence_length=sum(lens),
+        sample_lens=[sum(lens)],
+        packed_position_ids=torch.tensor(pos),
+        split_lens=lens,
+        attn_modes=["causal", "full", "full", "causal", "noise"],
+        packed_text_ids=torch.tensor(text_ids_all),
+        packed_text_indexes=torch.tensor(text_idx),
         ce_loss_indexes=torch.arange(starts[3], starts[3] + len(text2)),
-        packed_vit_tokens=patchify_image(vit_img, patch), packed_vit_position_ids=vit_position_ids(ih, iw, cfg.arch.vit_max_num_patch_per_side),
-        packed_vit_token_indexes=torch.arange(starts[2] + 1, starts[2] + 1 + nv), vit_token_seqlens=torch.tensor([nv]),
-        padded_latent=padded, patchified_vae_latent_shapes=[(vh, vw), (nh, nw)],
-        packed_latent_position_ids=torch.cat([latent_position_ids(vh, vw, cfg.arch.max_latent_size),
-                                              latent_position_ids(nh, nw, cfg.arch.max_latent_size)]),
-        packed_vae_token_indexes=torch.cat([torch.arange(starts[1] + 1, starts[1] + 1 + nz),
-                                            torch.arange(starts[4] + 1, starts[4] + 1 + n_noisy)]),
+        packed_vit_tokens=patchify_image(vit_img, patch),
+        packed_vit_position_ids=vit_position_ids(ih, iw, cfg.arch.vit_max_num_patch_per_side),
+        packed_vit_token_indexes=torch.arange(starts[2] + 1, starts[2] + 1 + nv),
+        vit_token_seqlens=torch.tensor([nv]),
+        padded_latent=padded,
+        patchified_vae_latent_shapes=[(vh, vw), (nh, nw)],
+        packed_latent_position_ids=torch.cat(
+            [
+                latent_position_ids(vh, vw, cfg.arch.max_latent_size),
+                latent_position_ids(nh, nw, cfg.arch.max_latent_size),
+            ]
+        ),
+        packed_vae_token_indexes=torch.cat(
+            [torch.arange(starts[1] + 1, starts[1] + 1 + nz), torch.arange(starts[4] + 1, starts[4] + 1 + n_noisy)]
+        ),
         packed_timesteps=torch.tensor([-math.inf] * nz + [math.log(t / (1 - t))] * n_noisy),
         mse_loss_indexes=torch.arange(starts[4] + 1, starts[4] + 1 + n_noisy),
     )

@@ -31,8 +31,25 @@ def test_generate_single_and_psir_from_a_prompt_file(tiny_dir, tmp_path, capsys)
     common = ["--ckpt", str(tiny_dir), "--out", str(tmp_path / "out"), "--timesteps", "3", "--resolution", "16x24"]
     assert main(["generate", *common, "--prompts", str(prompts), "--seed", "7"]) == 0  # single by default
     # psir on a model not trained for it: the stream draws nothing, and the command says so (exit 2)
-    assert main(["generate", *common, "--prompt", "a cat", "--mode", "psir", "--max-turn-tokens", "4",
-                 "--vit-min-size", "28", "--vit-max-size", "56"]) == 2
+    assert (
+        main(
+            [
+                "generate",
+                *common,
+                "--prompt",
+                "a cat",
+                "--mode",
+                "psir",
+                "--max-turn-tokens",
+                "4",
+                "--vit-min-size",
+                "28",
+                "--vit-max-size",
+                "56",
+            ]
+        )
+        == 2
+    )
     assert "no image drawn in psir mode" in capsys.readouterr().err
     lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert [x["prompt"] for x in lines] == ["a red circle", "two blue squares", "a cat"]
@@ -79,11 +96,25 @@ def test_generate_in_batches_and_shards_draws_every_prompt_once(tiny_dir, tmp_pa
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\ntwo blue squares\na green star\n")
-    common = ["--ckpt", str(tiny_dir), "--prompts", str(prompts), "--timesteps", "3", "--resolution", "16x16",
-              "--mode", "single", "--seed", "5"]
+    common = [
+        "--ckpt",
+        str(tiny_dir),
+        "--prompts",
+        str(prompts),
+        "--timesteps",
+        "3",
+        "--resolution",
+        "16x16",
+        "--mode",
+        "single",
+        "--seed",
+        "5",
+    ]
     assert main(["generate", *common, "--out", str(tmp_path / "one"), "--batch-size", "1"]) == 0
     for shard in ("1/2", "0/2"):
-        assert main(["generate", *common, "--out", str(tmp_path / "shards"), "--batch-size", "2", "--shard", shard]) == 0
+        assert (
+            main(["generate", *common, "--out", str(tmp_path / "shards"), "--batch-size", "2", "--shard", shard]) == 0
+        )
 
     def rows(run):
         lines = [json.loads(line) for line in (tmp_path / run / "results.jsonl").read_text().splitlines()]
@@ -93,17 +124,24 @@ def test_generate_in_batches_and_shards_draws_every_prompt_once(tiny_dir, tmp_pa
     assert sorted(shards) == sorted(one) == [0, 1, 2]
     for i, x in one.items():
         assert shards[i]["prompt"] == x["prompt"]
-        seeds = [json.loads(json.loads((tmp_path / run / r[i]["folder"] / "trajectory.json").read_text())["meta"])["seed"]
-                 for run, r in (("one", one), ("shards", shards))]
+        seeds = [
+            json.loads(json.loads((tmp_path / run / r[i]["folder"] / "trajectory.json").read_text())["meta"])["seed"]
+            for run, r in (("one", one), ("shards", shards))
+        ]
         assert seeds == [5 + i, 5 + i]
-        a, b = (np.asarray(Image.open(tmp_path / run / r[i]["folder"] / "final.png"), dtype=int)
-                for run, r in (("one", one), ("shards", shards)))
+        a, b = (
+            np.asarray(Image.open(tmp_path / run / r[i]["folder"] / "final.png"), dtype=int)
+            for run, r in (("one", one), ("shards", shards))
+        )
         assert np.abs(a - b).max() <= 1
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
 def test_an_empty_prompt_is_refused_before_the_model_loads(prompt, tmp_path, capsys):
-    assert main(["generate", "--ckpt", str(tmp_path / "not-loaded"), "--out", str(tmp_path / "o"), "--prompt", prompt]) == 2
+    assert (
+        main(["generate", "--ckpt", str(tmp_path / "not-loaded"), "--out", str(tmp_path / "o"), "--prompt", prompt])
+        == 2
+    )
     assert '--prompt: expected a description of the picture, got ""' in capsys.readouterr().err
     empty = tmp_path / "prompts.txt"
     empty.write_text("\n\n")
@@ -122,14 +160,42 @@ def test_flags_and_set_over_the_checkpoint_inference_yaml(tmp_path):
     save_checkpoint_options(ckpt, {"flow": {"num_timesteps": 26, "timestep_shift": 1.0, "cfg_text_scale": 1.0}})
 
     def options(*flags):
-        args = build_parser("generate").parse_args(["generate", "--ckpt", str(ckpt), "--out", "o", "--prompt", "x", *flags])
+        args = build_parser("generate").parse_args(
+            ["generate", "--ckpt", str(ckpt), "--out", "o", "--prompt", "x", *flags]
+        )
         return options_from_args(args, max_side=64)
 
     base = options()
-    assert (base.mode, base.flow.num_timesteps, base.flow.timestep_shift, base.flow.cfg_text_scale) == ("single", 26, 1.0, 1.0)
-    assert base.flow.cfg_interval == (0.4, 1.0) and (base.flow.height, base.flow.width) == (64, 64)  # the rest: defaults
-    over = options("--set", "options.flow.num_timesteps=11", "--set", "options.text.top_p=0.5", "--cfg-text-scale", "2",
-                   "--cfg-interval", "0", "1", "--no-rollback", "--mode", "psir", "--resolution", "32x48")
+    assert (base.mode, base.flow.num_timesteps, base.flow.timestep_shift, base.flow.cfg_text_scale) == (
+        "single",
+        26,
+        1.0,
+        1.0,
+    )
+    assert base.flow.cfg_interval == (0.4, 1.0) and (base.flow.height, base.flow.width) == (
+        64,
+        64,
+    )  # the rest: defaults
+    over = options(
+        "--set",
+        "options.flow.num_timesteps=11",
+        "--set",
+        "options.text.top_p=0.5",
+        "--cfg-text-scale",
+        "2",
+        "--cfg-interval",
+        "0",
+        "1",
+        "--no-rollback",
+        "--mode",
+        "psir",
+        "--resolution",
+        "32x48",
+    )
     assert (over.mode, over.flow.num_timesteps, over.flow.cfg_text_scale, over.text.top_p) == ("psir", 11, 2.0, 0.5)
-    assert over.flow.cfg_interval == (0.0, 1.0) and not over.scaling.rollback and (over.flow.height, over.flow.width) == (32, 48)
+    assert (
+        over.flow.cfg_interval == (0.0, 1.0)
+        and not over.scaling.rollback
+        and (over.flow.height, over.flow.width) == (32, 48)
+    )
     assert options("--set", "options.flow.num_timesteps=11", "--timesteps", "5").flow.num_timesteps == 5  # flags last

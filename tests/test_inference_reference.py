@@ -24,6 +24,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
 ERRORS: dict[str, float] = {}  # name -> max abs error (printed with pytest -s)
 
 
@@ -64,9 +66,14 @@ def check_greedy(engine, ctx, ref, name):
 
 def check_flow(engine, ref, name, hw, gen, cfg_text, cfg_img, **cfg):
     h, w = engine.latent_grid(*hw)
-    close(engine.velocity(gen, ref[f"{name}.velocity_x_t"], 0.8, h, w), ref[f"{name}.velocity_t0.8_nocfg"],
-          f"{name} velocity")
-    settings = FlowSettings(height=hw[0], width=hw[1], num_timesteps=5, timestep_shift=3.0, cfg_interval=(0.0, 1.0), **cfg)
+    close(
+        engine.velocity(gen, ref[f"{name}.velocity_x_t"], 0.8, h, w),
+        ref[f"{name}.velocity_t0.8_nocfg"],
+        f"{name} velocity",
+    )
+    settings = FlowSettings(
+        height=hw[0], width=hw[1], num_timesteps=5, timestep_shift=3.0, cfg_interval=(0.0, 1.0), **cfg
+    )
     trace = FlowTrace()
     kv_before = (gen.kv_len, cfg_text.kv_len, cfg_img.kv_len)
     final = engine.generate_latent(gen, cfg_text, cfg_img, settings, x_init=ref[f"{name}.euler_x_init"], trace=trace)
@@ -75,7 +82,9 @@ def check_flow(engine, ref, name, hw, gen, cfg_text, cfg_img, **cfg):
     close(torch.stack(trace.x_t), ref[f"{name}.euler_step_x_t"], f"{name} x_t")
     close(torch.stack(trace.v), ref[f"{name}.euler_step_v"], f"{name} v")
     for b in range(len(trace.branches[0])):
-        close(torch.stack([br[b] for br in trace.branches]), ref[f"{name}.euler_step_branch{b}_v"], f"{name} branch {b}")
+        close(
+            torch.stack([br[b] for br in trace.branches]), ref[f"{name}.euler_step_branch{b}_v"], f"{name} branch {b}"
+        )
     close(final, ref[f"{name}.euler_final_latent"], f"{name} final latent")
     close(engine.decode_latent(final, *hw)[None], ref[f"{name}.euler_final_decoded"], f"{name} decoded")
 
@@ -91,8 +100,18 @@ def test_scenario_a_text_prompt(engine, ref, layout):
     check_kv(gen, ref, "A.kv_after_prompt")
     check_greedy(engine, gen, ref, "A")
     assert gen.kv_len == 18  # decoding ran on a fork
-    check_flow(engine, ref, "A", (20, 16), gen, cfg_text, cfg_img, cfg_text_scale=4.0, cfg_img_scale=1.0,
-               cfg_renorm_type="global")
+    check_flow(
+        engine,
+        ref,
+        "A",
+        (20, 16),
+        gen,
+        cfg_text,
+        cfg_img,
+        cfg_text_scale=4.0,
+        cfg_img_scale=1.0,
+        cfg_renorm_type="global",
+    )
 
 
 def test_scenario_b_image_conditioned(engine, ref, ref_inputs):
@@ -109,8 +128,18 @@ def test_scenario_b_image_conditioned(engine, ref, ref_inputs):
     engine.update_text(cfg_img, "make it blue")
     assert (cfg_img.kv_len, cfg_img.rope) == (14, 14)
     check_greedy(engine, gen, ref, "B")
-    check_flow(engine, ref, "B", (16, 24), gen, cfg_text, cfg_img, cfg_text_scale=4.0, cfg_img_scale=2.0,
-               cfg_renorm_type="text_channel")
+    check_flow(
+        engine,
+        ref,
+        "B",
+        (16, 24),
+        gen,
+        cfg_text,
+        cfg_img,
+        cfg_text_scale=4.0,
+        cfg_img_scale=2.0,
+        cfg_renorm_type="text_channel",
+    )
 
 
 def test_png_images_match_the_reference_tensors(engine, ref_inputs, tiny_dir):
@@ -143,7 +172,8 @@ def test_bfloat16_engine_runs_within_the_official_mixed_precision_error(tiny_dir
     assert v.dtype == torch.float32 and (v - ref["A.velocity_t0.8_nocfg"]).abs().max().item() < 0.05
     out = engine.decode_text(gen.fork(), TextSettings(max_tokens=6), stop_ids=())
     assert len(out.ids) == 6
-    image = engine.generate_image(gen, engine.new_context(), gen, FlowSettings(height=16, width=16, num_timesteps=3,
-                                                                               cfg_interval=(0.0, 1.0)))
+    image = engine.generate_image(
+        gen, engine.new_context(), gen, FlowSettings(height=16, width=16, num_timesteps=3, cfg_interval=(0.0, 1.0))
+    )
     engine.update_image(gen, image)
     assert image.size == (16, 16) and gen.rope == 18 + 2

@@ -116,8 +116,25 @@ def test_benchmark_script_runs(capsys):
     spec.loader.exec_module(bench)
     threads = torch.get_num_threads()
     try:
-        bench.main(["--contexts", "64", "128", "--hidden", "64", "--layers", "1", "--repeat", "1", "--forks", "2",
-                    "--suffix", "4", "--threads", "1"])
+        bench.main(
+            [
+                "--contexts",
+                "64",
+                "128",
+                "--hidden",
+                "64",
+                "--layers",
+                "1",
+                "--repeat",
+                "1",
+                "--forks",
+                "2",
+                "--suffix",
+                "4",
+                "--threads",
+                "1",
+            ]
+        )
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out

@@ -133,15 +133,28 @@ def test_packer_stops_with_a_clear_error_when_no_sample_fits():
     """A dataset whose every sample is over-long must not spin forever skipping (a silent hang)."""
     from training.packing import MAX_CONSECUTIVE_SKIPS, PackingError
 
-    packer = Packer(expected_num_tokens=90, max_num_tokens=100, max_num_tokens_per_sample=60,
-                    prefer_buffer_before=50, max_buffer_size=1)
+    packer = Packer(
+        expected_num_tokens=90,
+        max_num_tokens=100,
+        max_num_tokens_per_sample=60,
+        prefer_buffer_before=50,
+        max_buffer_size=1,
+    )
     lengths = iter([70, 80] * MAX_CONSECUTIVE_SKIPS)
-    with pytest.warns(UserWarning), pytest.raises(PackingError, match=r"shortest has 70 tokens.*max_num_tokens_per_sample"):
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(PackingError, match=r"shortest has 70 tokens.*max_num_tokens_per_sample"),
+    ):
         packer.next_pack(lambda: _plan(next(lengths), "long"))
     # a sample that fits resets the run: isolated long samples are skipped, never fatal
     mixed = iter(([80] * (MAX_CONSECUTIVE_SKIPS - 1) + [30]) * 3)
-    packer = Packer(expected_num_tokens=90, max_num_tokens=100, max_num_tokens_per_sample=60,
-                    prefer_buffer_before=50, max_buffer_size=1)
+    packer = Packer(
+        expected_num_tokens=90,
+        max_num_tokens=100,
+        max_num_tokens_per_sample=60,
+        prefer_buffer_before=50,
+        max_buffer_size=1,
+    )
     with pytest.warns(UserWarning):
         assert [p.num_tokens for p in packer.next_pack(lambda: _plan(next(mixed), "x"))] == [30, 30, 30]
 
@@ -236,10 +249,19 @@ def test_loss_role_overrides_and_special_labels_in_the_pack():
     b = pack_samples([plan], SPECIAL, GEOM, torch.Generator().manual_seed(0))
     labels = dict(zip(b.ce_loss_indexes.tolist(), b.packed_label_ids.tolist(), strict=True))
     eos_positions = [
-        i for i, t in zip(b.packed_text_indexes.tolist(), b.packed_text_ids.tolist(), strict=True) if t == SPECIAL.eos_id
+        i
+        for i, t in zip(b.packed_text_indexes.tolist(), b.packed_text_ids.tolist(), strict=True)
+        if t == SPECIAL.eos_id
     ]
     s = SPECIAL
-    assert [labels.get(p) for p in eos_positions] == [None, s.vision_start_id, s.bos_id, s.vision_start_id, None, s.end_of_text_id]
+    assert [labels.get(p) for p in eos_positions] == [
+        None,
+        s.vision_start_id,
+        s.bos_id,
+        s.vision_start_id,
+        None,
+        s.end_of_text_id,
+    ]
 
 
 def test_resize_snaps_to_the_stride_within_bounds():

@@ -21,7 +21,9 @@ from inference.html import render_html
 from inference.psir import DRAW, STOP, TEXT, ForcedTurn, classify, decide, describe_failure, run_psir
 from inference.settings import Budget, FlowSettings, PSIRSettings, TextSettings
 
-FLOW = FlowSettings(height=16, width=16, num_timesteps=3, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0))
+FLOW = FlowSettings(
+    height=16, width=16, num_timesteps=3, cfg_text_scale=4.0, cfg_img_scale=1.5, cfg_interval=(0.0, 1.0)
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,7 +77,12 @@ def test_forced_multi_step_trajectory_is_well_formed(engine, tmp_path):
     folder = Result("a big red circle", stream.last_image, traj, stream.cost).save(tmp_path)
     row = json.loads((folder / "trajectory.json").read_text())
     assert row["image_paths"] == ["00.png", "01.png"] and row["format_version"] == FORMAT_VERSION
-    assert [s["role"] for s in row["meta"] and json.loads(row["meta"])["steps"]] == ["plan", "inspect", "refine", "inspect"]
+    assert [s["role"] for s in row["meta"] and json.loads(row["meta"])["steps"]] == [
+        "plan",
+        "inspect",
+        "refine",
+        "inspect",
+    ]
     assert all((folder / p).is_file() for p in row["image_paths"]) and (folder / "final.png").is_file()
     page = (folder / "index.html").read_text()
     assert '<img src="00.png"' in page and "make it bigger" in page
@@ -83,9 +90,27 @@ def test_forced_multi_step_trajectory_is_well_formed(engine, tmp_path):
 
 
 def test_same_seed_same_trajectory(engine):
-    a = run_psir(engine, "a cat", settings(), seed=3, script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)])
-    b = run_psir(engine, "a cat", settings(), seed=3, script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)])
-    c = run_psir(engine, "a cat", settings(), seed=4, script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)])
+    a = run_psir(
+        engine,
+        "a cat",
+        settings(),
+        seed=3,
+        script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)],
+    )
+    b = run_psir(
+        engine,
+        "a cat",
+        settings(),
+        seed=3,
+        script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)],
+    )
+    c = run_psir(
+        engine,
+        "a cat",
+        settings(),
+        seed=4,
+        script=list(SCRIPT[:1]) + [ForcedTurn(inspect_text("consistent"), decision=STOP)],
+    )
     assert a.images[0].tobytes() == b.images[0].tobytes() != c.images[0].tobytes()
 
 
@@ -99,8 +124,7 @@ def test_free_decoding_of_an_untrained_model_ends_with_a_recorded_failure(engine
 
 
 def test_constrained_prefix_is_completed_by_the_model(engine):
-    stream = run_psir(engine, "a red circle", settings(max_tokens=30), seed=0,
-                      script=[ForcedTurn(prefix="<ins>")])
+    stream = run_psir(engine, "a red circle", settings(max_tokens=30), seed=0, script=[ForcedTurn(prefix="<ins>")])
     step = stream.steps[0]
     assert step["text"].startswith("<ins>") and step["forced"]
     assert stream.stop_reason == "format_failure" and "unterminated" in stream.failure["reason"]
@@ -184,15 +208,18 @@ def test_stream_logits_equal_the_training_forward_of_its_trajectory(engine):
     from training.packing import PackingGeometry, pack_samples
     from training.sequence import PlanGeometry, build_sample_plan
 
-    geometry = ImageGeometry(vae_max_size=32, vae_min_size=16, vit_max_size=56, vit_min_size=28)  # configs/train/tiny_cpu
+    geometry = ImageGeometry(
+        vae_max_size=32, vae_min_size=16, vit_max_size=56, vit_min_size=28
+    )  # configs/train/tiny_cpu
     eng = Engine(engine.model, engine.tokenizer, geometry)
     tok = eng.tokenizer
     texts = [plan_text("draw a red circle", "a red circle"), inspect_text("inconsistent", "too small")]
     stream = start_stream(eng, "a red circle", seed=0)
     logits = []
     for i, text in enumerate(texts):
-        out = eng.decode_text(stream.gen, TextSettings(max_tokens=999), prefix=tok.encode(text) + [tok.eos_id],
-                              keep_step_logits=True)
+        out = eng.decode_text(
+            stream.gen, TextSettings(max_tokens=999), prefix=tok.encode(text) + [tok.eos_id], keep_step_logits=True
+        )
         stream.turns.append(Turn(role=["plan", "inspect"][i], text=text))
         logits.append(out.step_logits)
         if i == 0:
@@ -201,10 +228,15 @@ def test_stream_logits_equal_the_training_forward_of_its_trajectory(engine):
     traj.validate()
 
     g = geometry  # the same bagel_ft.transforms.ImageGeometry drives inference and training
-    plan = build_sample_plan(traj, tok.encode, SpecialTokens.of(tok),
-                             PlanGeometry(g, eng.config.latent_downsample, eng.config.vit.patch_size))
-    batch = pack_samples([plan], SpecialTokens.of(tok), PackingGeometry.from_model_config(eng.config),
-                         torch.Generator().manual_seed(0))
+    plan = build_sample_plan(
+        traj,
+        tok.encode,
+        SpecialTokens.of(tok),
+        PlanGeometry(g, eng.config.latent_downsample, eng.config.vit.patch_size),
+    )
+    batch = pack_samples(
+        [plan], SpecialTokens.of(tok), PackingGeometry.from_model_config(eng.config), torch.Generator().manual_seed(0)
+    )
     with torch.no_grad():
         train_logits = eng.model(batch).ce_logits
     # CE rows: each turn's bos..last id, then its <|im_end|> (labelled vision_start before the generated
@@ -221,10 +253,12 @@ def test_edit_keeps_the_input_size_and_uses_the_three_cfg_contexts(engine):
 
     gen = Generator(engine, GenerateOptions(flow=FLOW))
     source = Image.new("RGB", (24, 16), (200, 30, 30))
-    edited = gen.edit(source, "make it blue", seed=0, flow=FlowSettings(num_timesteps=3, cfg_img_scale=2.0,
-                                                                          cfg_interval=(0.0, 1.0)))
+    edited = gen.edit(
+        source, "make it blue", seed=0, flow=FlowSettings(num_timesteps=3, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0))
+    )
     expected = engine.prepare_image(source, "vae").shape[1:]
     assert edited.size == (expected[1], expected[0])
-    again = gen.edit(source, "make it blue", seed=0, flow=FlowSettings(num_timesteps=3, cfg_img_scale=2.0,
-                                                                         cfg_interval=(0.0, 1.0)))
+    again = gen.edit(
+        source, "make it blue", seed=0, flow=FlowSettings(num_timesteps=3, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0))
+    )
     assert again.tobytes() == edited.tobytes()

@@ -94,8 +94,15 @@ def test_search_with_the_shapes_judge(engine):
     from scene_graphs import shapes
 
     prompt = "a red circle"
-    found = search(engine, prompt, ShapesJudge(), SETTINGS, ScalingSettings(streams=2, iterations=2, candidates=1),
-                   seed=1, script=plan_and_draw)
+    found = search(
+        engine,
+        prompt,
+        ShapesJudge(),
+        SETTINGS,
+        ScalingSettings(streams=2, iterations=2, candidates=1),
+        seed=1,
+        script=plan_and_draw,
+    )
     graph = shapes.parse_prompt(prompt)
     scores = [shapes.check(c.state.last_image, graph).score for c in found.candidates]
     assert found.best.score == max(scores) == shapes.check(found.image, graph).score
@@ -103,12 +110,22 @@ def test_search_with_the_shapes_judge(engine):
 
 def test_rollback_stop_and_sub_prompt(engine):
     critiques = [
-        Critique(0.5), Critique(0.9, sub_prompt="make it red"),  # it 0: keep candidate 1; its advice is forced next
-        Critique(0.2), Critique(0.3),  # it 1: both worse than 0.9 -> roll back to it 0's best
-        Critique(0.95, action="STOP"), Critique(0.1),  # it 2: stop
+        Critique(0.5),
+        Critique(0.9, sub_prompt="make it red"),  # it 0: keep candidate 1; its advice is forced next
+        Critique(0.2),
+        Critique(0.3),  # it 1: both worse than 0.9 -> roll back to it 0's best
+        Critique(0.95, action="STOP"),
+        Critique(0.1),  # it 2: stop
     ]
-    found = search(engine, "a circle", Scripted(critiques), SETTINGS,
-                   ScalingSettings(streams=1, iterations=5, candidates=2), seed=0, script=plan_and_draw)
+    found = search(
+        engine,
+        "a circle",
+        Scripted(critiques),
+        SETTINGS,
+        ScalingSettings(streams=1, iterations=5, candidates=2),
+        seed=0,
+        script=plan_and_draw,
+    )
     assert [e.get("event") for e in found.events] == [None, "rollback", "stop"]
     refine = found.candidates[2].state.turns[2]
     assert refine.role == "refine" and refine.text == "<refine>make it red</refine>"
@@ -129,7 +146,9 @@ def test_self_inspect_verifier_reads_the_models_verdict_without_touching_the_str
     logp = []
     for verdict in ("consistent", "inconsistent"):
         ids = tok.encode("<inspect>" + verdict)
-        out = engine.decode_text(stream.gen.fork(), TextSettings(max_tokens=len(ids)), prefix=ids, keep_step_logits=True)
+        out = engine.decode_text(
+            stream.gen.fork(), TextSettings(max_tokens=len(ids)), prefix=ids, keep_step_logits=True
+        )
         rows = torch.log_softmax(out.step_logits, -1)
         n = len(tok.encode(verdict))
         logp.append(sum(rows[len(ids) - n + i, ids[len(ids) - n + i]] for i in range(n)))
@@ -143,12 +162,23 @@ def test_vlm_critic_against_a_local_openai_compatible_server(monkeypatch):
 
     def answer(body):
         seen.append(body)
-        return "Sure:\n```json\n" + json.dumps({"action": "continue", "score": 0.4, "sub_prompt": "add a blue square"}) + "\n```"
+        return (
+            "Sure:\n```json\n"
+            + json.dumps({"action": "continue", "score": 0.4, "sub_prompt": "add a blue square"})
+            + "\n```"
+        )
 
     monkeypatch.setenv("CRITIC_TEST_KEY", "sk-secret-value")
     with FakeOpenAIServer(answer, script={"Prompt: a red circle": ["500"]}) as server:
-        critic = VLMCritic(CriticEndpoint(base_url=server.url, model="fake-vlm", api_key_env="CRITIC_TEST_KEY",
-                                          max_attempts=3, backoff_base_s=0.01))
+        critic = VLMCritic(
+            CriticEndpoint(
+                base_url=server.url,
+                model="fake-vlm",
+                api_key_env="CRITIC_TEST_KEY",
+                max_attempts=3,
+                backoff_base_s=0.01,
+            )
+        )
         critique = critic("a red circle", Image.new("RGB", (16, 16), (200, 0, 0)))
         assert server.faults() == {"500": 1, "ok": 1}  # the client retried the 500
     assert critique == Critique(score=0.4, action="CONTINUE", sub_prompt="add a blue square")
@@ -166,9 +196,14 @@ def test_parse_critique_is_robust():
 
 
 def test_generator_scaled_mode_records_the_search(engine, tmp_path):
-    opts = GenerateOptions(mode="scaled", flow=FLOW, text=TextSettings(max_tokens=8),
-                           scaling=ScalingSettings(streams=1, iterations=1, candidates=2), verifier="shapes",
-                           fallback_image=True)
+    opts = GenerateOptions(
+        mode="scaled",
+        flow=FLOW,
+        text=TextSettings(max_tokens=8),
+        scaling=ScalingSettings(streams=1, iterations=1, candidates=2),
+        verifier="shapes",
+        fallback_image=True,
+    )
     result = Generator(engine, opts).generate("a red circle", seed=0)
     # an untrained model breaks the format before drawing: nothing to choose, recorded as such
     assert result.search["best"] is None and len(result.search["candidates"]) == 2

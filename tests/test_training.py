@@ -112,7 +112,10 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run_exactly(data, tmp_pa
     proc = _run_cli(overrides(data, killed, *common), kill_at_step=8)  # killed as step 8 begins
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL, out
-    assert sorted(read_metrics(killed)) == list(range(1, 8)) and ckpt.latest_checkpoint(killed / "checkpoints").name == "step_00000006"
+    assert (
+        sorted(read_metrics(killed)) == list(range(1, 8))
+        and ckpt.latest_checkpoint(killed / "checkpoints").name == "step_00000006"
+    )
     resumed = _run_cli(overrides(data, killed, *common))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out

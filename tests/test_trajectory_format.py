@@ -30,8 +30,14 @@ def _traj(**kw):
         Turn("image", image=1),
         Turn("inspect", inspect_text("consistent")),
     ]
-    args = dict(prompt="a red square", turns=turns, images=[blue, red], subset="critique", label="inconsistent",
-                meta={"seed": 3})
+    args = dict(
+        prompt="a red square",
+        turns=turns,
+        images=[blue, red],
+        subset="critique",
+        label="inconsistent",
+        meta={"seed": 3},
+    )
     args.update(kw)
     return Trajectory(**args)
 
@@ -71,7 +77,10 @@ def test_row_round_trip_through_parquet(tmp_path):
         (dict(subset="video"), "subset"),
         (dict(label="ok"), "label"),
         (dict(format_version=0), "format_version"),
-        (dict(turns=[Turn("plan", "<ins>x</ins><des>y"), Turn("image", image=0), Turn("image", image=1)]), "unbalanced"),
+        (
+            dict(turns=[Turn("plan", "<ins>x</ins><des>y"), Turn("image", image=0), Turn("image", image=1)]),
+            "unbalanced",
+        ),
         (dict(turns=[Turn("image", image=0), Turn("image", image=5)]), r"turns\[1\].image"),
         (dict(turns=[Turn("image", image=0)]), "turns use"),
         (dict(turns=[Turn("sketch", "x")]), "role"),
@@ -88,7 +97,11 @@ def test_next_after_text_names_what_the_model_must_predict():
 
     turns = _traj().turns  # plan, image, inspect(inconsistent), refine, image, inspect(consistent)
     assert [next_after_text(turns, i) for i in (0, 2, 3, 5)] == [NEXT_DRAW, NEXT_TEXT, NEXT_DRAW, NEXT_END]
-    given = [Turn("plan", plan_text("a", "b")), Turn("image", image=0, loss=False), Turn("inspect", inspect_text("consistent"))]
+    given = [
+        Turn("plan", plan_text("a", "b")),
+        Turn("image", image=0, loss=False),
+        Turn("inspect", inspect_text("consistent")),
+    ]
     assert next_after_text(given, 0) is None
     with pytest.raises(FormatError, match="image"):
         next_after_text(turns, 1)

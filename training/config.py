@@ -213,7 +213,12 @@ def validate(cfg: Config) -> None:
         ),
         (cfg.train.steps >= 1, "train.steps", ">= 1", cfg.train.steps),
         (cfg.train.grad_accum >= 1, "train.grad_accum", ">= 1", cfg.train.grad_accum),
-        (cfg.train.global_batch >= 0, "train.global_batch", ">= 0 (0 = processes x grad_accum)", cfg.train.global_batch),
+        (
+            cfg.train.global_batch >= 0,
+            "train.global_batch",
+            ">= 0 (0 = processes x grad_accum)",
+            cfg.train.global_batch,
+        ),
         (
             cfg.train.global_batch == 0 or cfg.train.grad_accum == 1,
             "train.grad_accum",

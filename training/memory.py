@@ -250,7 +250,9 @@ def host_estimate(
         loading, how = 4 * (p + vae), "model.init=random: every rank builds the whole model, then shards it"
     elif sharded_loading(cfg):
         loading = largest / world * (f + 4) + (4 * p / world + 4 * vae if on_cpu else 0)
-        how = "FSDP: each rank reads only its shards' rows, one tensor at a time" + (" (+ its shards)" if on_cpu else "")
+        how = "FSDP: each rank reads only its shards' rows, one tensor at a time" + (
+            " (+ its shards)" if on_cpu else ""
+        )
     else:
         loading = largest * (f + 4) + (4 * (p + vae) if on_cpu else 0)
         how = f"{cfg.train.sharding}: every rank loads every weight, one tensor at a time onto {device_type}"
