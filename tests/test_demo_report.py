@@ -180,3 +180,15 @@ def test_eval_report_shows_the_same_failures_as_sentences(folder, tmp_path):
     text = page.read_text()
     for f in (r["failure"] for r in records(folder, "finetuned-psir") if r.get("failure")):
         assert html.escape(describe_failure(f)) in text
+
+
+def test_data_table_lists_the_replayed_base_records(tmp_path):
+    """The demo's data phase records the replayed base records (`--replay`) by their count only."""
+    from demo.report import data_table
+
+    layout = Layout(tmp_path)
+    layout.marker("data").parent.mkdir(parents=True)
+    subsets = {"trajectories": {"prompts": 4, "records": 3, "rejected": {"plan_too_short": 1}}, "replay": {"records": 40}}
+    layout.marker("data").write_text(json.dumps({"result": {"subsets": subsets}}))
+    head, rows = data_table(layout)
+    assert rows == [["trajectories", "4", "3", '{"plan_too_short": 1}'], ["replay", "—", "40", "—"]]
