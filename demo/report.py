@@ -180,8 +180,10 @@ def data_table(layout: Layout) -> tuple[list[str], list[list[str]]] | None:
     if not m.is_file():
         return None
     subsets = json.loads(m.read_text())["result"]["subsets"]
-    rows = [[name, str(v.get("prompts", "—")), str(v["records"]), json.dumps(v["rejected"]) if v.get("rejected") else "—"]
-            for name, v in subsets.items()]  # fmt: skip (the replayed base records have no prompts or rejections)
+    rows = [
+        [name, str(v.get("prompts", "—")), str(v["records"]), json.dumps(v["rejected"]) if v.get("rejected") else "—"]
+        for name, v in subsets.items()
+    ]  # fmt: skip (the replayed base records have no prompts or rejections)
     return ["subset", "prompts", "records", "rejected (reason: prompts)"], rows
 
 

@@ -188,7 +188,10 @@ def test_data_table_lists_the_replayed_base_records(tmp_path):
 
     layout = Layout(tmp_path)
     layout.marker("data").parent.mkdir(parents=True)
-    subsets = {"trajectories": {"prompts": 4, "records": 3, "rejected": {"plan_too_short": 1}}, "replay": {"records": 40}}
+    subsets = {
+        "trajectories": {"prompts": 4, "records": 3, "rejected": {"plan_too_short": 1}},
+        "replay": {"records": 40},
+    }
     layout.marker("data").write_text(json.dumps({"result": {"subsets": subsets}}))
     head, rows = data_table(layout)
     assert rows == [["trajectories", "4", "3", '{"plan_too_short": 1}'], ["replay", "—", "40", "—"]]
