@@ -105,7 +105,7 @@ def test_merge_command_writes_a_loadable_dataset(built, tmp_path, capsys):
 
     import pyarrow.parquet as pq
 
-    from data_gen import cli
+    from commands import data as cli
 
     root, _ = built
     parser = argparse.ArgumentParser()
