@@ -191,7 +191,7 @@ def _verdict(engine, out: Path, config: SkillsConfig, canvas: int) -> list[dict]
 
         def one(pair=pair) -> dict:
             text = describe(pair.text_graph)
-            answer = _ask(engine, config, text, pair.image, VERIFY)
+            answer = ask(engine, config, text, pair.image, VERIFY)
             return {"text": text, "label": pair.consistent, "mistake": pair.mistake, "mode": pair.mode,
                     "answer": answer, "said": parse_verdict_answer(answer)}  # fmt: skip
 
@@ -206,7 +206,7 @@ def _caption(engine, out: Path, config: SkillsConfig, canvas: int) -> list[dict]
         _, graph, layout = scenes[(n * 7 + 3) % len(scenes)]
 
         def one(graph=graph, layout=layout) -> dict:
-            answer = _ask(engine, config, "", draw_layout(graph, layout), DESCRIBE)
+            answer = ask(engine, config, "", draw_layout(graph, layout), DESCRIBE)
             try:
                 parsed, error = parse_prompt(answer), ""
             except ParseError as e:
@@ -218,7 +218,7 @@ def _caption(engine, out: Path, config: SkillsConfig, canvas: int) -> list[dict]
     return rows
 
 
-def _ask(engine, config: SkillsConfig, text: str, image: Image.Image, question: str) -> str:
+def ask(engine, config: SkillsConfig, text: str, image: Image.Image, question: str) -> str:
     """Greedy answer of the model to `question` after `text` (skipped when empty) and `image`."""
     from inference.settings import TextSettings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,31 @@ def test_stream_diagnostics_compare_first_and_final_drafts_and_grade_the_inspect
     # plan naming both (the judge finds they agree), "consistent" of a lone circle under the plan naming both
     assert d["inspect_right"] == 1 / 3
     assert d["plan_ok"] == 0.0 and d["draws_plan"] == 0.5
+
+
+def test_inspect_probe_grades_the_base_and_the_streams_on_the_same_pairs(tmp_path):
+    """demo.inspect_probe on a hand-made PSIR run: one right and one wrong draft, both inspected "consistent"; the
+    shipped base answers the verdict question about each (a real decode), graded against the exact judge."""
+    from bagel_ft.trajectory import Trajectory, Turn, inspect_text
+    from demo.inspect_probe import balanced, inspect_pairs, probe
+    from eval.run_dir import save_trajectory
+    from scene_graphs.shapes import parse_prompt, render
+
+    circle = render(parse_prompt("a red circle"), 64, seed=0)[0]
+    for key, des in (("right", "a red circle"), ("wrong", "a blue square")):
+        turns = [Turn("plan", f"<ins>draw {des}</ins><des>{des}</des>"), Turn("image", image=0),
+                 Turn("inspect", inspect_text("consistent"))]  # fmt: skip
+        save_trajectory(tmp_path / f"{key}.traj", Trajectory("a red circle", turns, images=[circle]))
+    rows = [{"key": k, "prompt": "a red circle", "trajectory": f"{k}.traj"} for k in ("right", "wrong")]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    pairs = inspect_pairs(tmp_path, limit=10)
+    assert [(p["text"], p["truth"], p["stream"]) for p in pairs] == [
+        ("a red circle", True, True),
+        ("a blue square", False, True),
+    ]
+    assert balanced([True, True], [True, False]) == 0.5 and balanced([True, False], [True, False]) == 1.0
+    r = probe(Path(__file__).resolve().parents[1] / "checkpoints" / "shapes-base", tmp_path, limit=10)
+    assert r["pairs"] == 2 and r["judges"]["stream's own inspect"]["balanced"] == 0.5
+    assert set(r["judges"]) == {"base (verdict form)", "stream's own inspect", "always consistent"}
+    assert r["unparsed_base_answers"] == 0  # the base answers in its verdict form
