@@ -29,13 +29,7 @@ SIZE = 32  # the tiny model draws at most 32 x 32 (max_latent_size 8 x latent_do
 FAST = ["model_sampler.timesteps=3", "model_sampler.max_turn_tokens=8", f"pipeline.image_size={SIZE}"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,17 @@ from bagel_ft.batch import PackedBatch
 from bagel_ft.embeddings import latent_position_ids
 from bagel_ft.siglip import patchify_image, vit_position_ids
 from bagel_ft.tokenizer import ByteTokenizer
-from inference.engine import Engine
 from inference.settings import TextSettings
 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model, ByteTokenizer())
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def full_forward(engine, prompt_ids, vae_img, vit_img, text_ids, noisy_x, t):

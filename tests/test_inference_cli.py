@@ -5,18 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from commands.main import build_parser, main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 def test_help_has_examples():

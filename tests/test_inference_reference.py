@@ -17,13 +17,7 @@ from inference.settings import FlowSettings, TextSettings
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 ERRORS: dict[str, float] = {}  # name -> max abs error (printed with pytest -s)
@@ -40,8 +34,8 @@ def layout(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model, ByteTokenizer())
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def close(got, want, name):

@@ -26,18 +26,12 @@ FLOW = FlowSettings(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model, ByteTokenizer())
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def settings(**budget):

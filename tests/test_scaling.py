@@ -12,10 +12,8 @@ import pytest
 import torch
 from fake_openai_server import FakeOpenAIServer
 
-from bagel_ft.tokenizer import ByteTokenizer
 from bagel_ft.trajectory import plan_text
 from inference.api import GenerateOptions, Generator
-from inference.engine import Engine
 from inference.psir import DRAW, ForcedTurn, start_stream
 from inference.scaling import search
 from inference.settings import CriticEndpoint, FlowSettings, PSIRSettings, ScalingSettings, TextSettings
@@ -31,18 +29,12 @@ FLOW = FlowSettings(height=32, width=32, num_timesteps=3, cfg_text_scale=2.0, cf
 SETTINGS = PSIRSettings(text=TextSettings(max_tokens=16), flow=FLOW)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model ops are dominated by thread synchronisation on a shared CPU: 1 thread is ~10x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread, ~10x faster for tiny models
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    return Engine(tiny_model, ByteTokenizer())
+def engine(tiny_engine):
+    return tiny_engine
 
 
 def plan_and_draw(stream):
