@@ -162,13 +162,19 @@ def _simple(fn: Callable) -> Callable:
     return lambda p, canvas, rng, i, exclude: fn(p, canvas, i)
 
 
-def _edit(p, canvas, rng, i, exclude):
+def _fresh_scene(p, canvas, i, exclude) -> tuple[SceneGraph, Layout] | None:
+    """The drawn scene of prompt `p` (render seed `i`), None when it does not lay out or is held out."""
     try:
         graph, layout = drawn_scene(p, canvas, i)
     except LayoutError:
         return None
-    if describe(graph) in exclude:
+    return None if describe(graph) in exclude else (graph, layout)
+
+
+def _edit(p, canvas, rng, i, exclude):
+    if (scene := _fresh_scene(p, canvas, i, exclude)) is None:
         return None
+    graph, layout = scene
     op = _pending.pop("op", None) or pick_op(rng)
     edit = sample_edit(graph, layout, op, rng)
     if edit is None:  # the scene offers no such edit: the next scene gets the same op, so the mix holds
@@ -182,12 +188,9 @@ _pending: dict[str, str] = {}  # the op an `_edit` call could not make, carried 
 
 def _verdict(p, canvas, rng, i, exclude):
     """Positives at even indexes, negatives at odd ones (several mistakes tried), so labels stay balanced."""
-    try:
-        graph, layout = drawn_scene(p, canvas, i)
-    except LayoutError:
+    if (scene := _fresh_scene(p, canvas, i, exclude)) is None:
         return None
-    if describe(graph) in exclude:
-        return None
+    graph, layout = scene
     for _ in range(1 if i % 2 == 0 else 8):
         record = verdict_record(graph, layout, rng, i, positive=i % 2 == 0)
         if record is not None:
