@@ -16,10 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bagel_ft.trajectory import extract
 from eval.run_dir import load_trajectory, read_jsonl
 from scene_graphs.describe import describe
-from scene_graphs.shapes import ParseError, check, parse_prompt
+from scene_graphs.shapes import check
 from scene_graphs.shapes.tasks import CONSISTENT, VERIFY, parse_verdict_answer
 
 
@@ -27,26 +26,19 @@ def inspect_pairs(run: Path, limit: int) -> list[dict[str, Any]]:
     """The first `limit` inspect turns of a PSIR eval run whose plan <des> parses: {text (the <des> as the base's
     records word it), image (the draft before the turn), truth (the exact judge), stream (the turn said
     consistent)}."""
+    from demo.reproduce import inspected_drafts
+
     pairs: list[dict[str, Any]] = []
     for rec in read_jsonl(run / "records.jsonl"):
         if not rec.get("trajectory"):
             continue
-        traj = load_trajectory(run / rec["trajectory"])
-        graph, image = None, None
-        for t in traj.turns:
-            if t.role == "plan":
-                try:
-                    des = extract("des", t.text)
-                    graph = parse_prompt(des) if des else None
-                except ParseError:
-                    graph = None
-            elif t.is_image:
-                image = traj.images[t.image]
-            elif t.role == "inspect" and graph is not None and image is not None:
-                pairs.append({"text": describe(graph), "image": image, "truth": bool(check(image, graph).consistent),
-                              "stream": "inconsistent" not in t.text})  # fmt: skip
-                if len(pairs) >= limit:
-                    return pairs
+        for graph, image, says in inspected_drafts(load_trajectory(run / rec["trajectory"])):
+            if graph is None or image is None:
+                continue
+            pairs.append({"text": describe(graph), "image": image, "truth": bool(check(image, graph).consistent),
+                          "stream": says})  # fmt: skip
+            if len(pairs) >= limit:
+                return pairs
     return pairs
 
 

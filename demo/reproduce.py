@@ -410,6 +410,31 @@ STREAM_KEYS = (
 )
 
 
+def planned_scene(plan_turn_text: str):
+    """The scene graph of a plan turn's <des>, None when it has none or it does not parse."""
+    from bagel_ft.trajectory import extract
+    from scene_graphs.shapes import ParseError, parse_prompt
+
+    try:
+        des = extract("des", plan_turn_text)
+        return parse_prompt(des) if des else None
+    except ParseError:
+        return None
+
+
+def inspected_drafts(traj):
+    """(the last plan's <des> scene or None, the last image or None, the inspect turn said "consistent") for each
+    inspect turn of a PSIR stream, in order."""
+    plan, image = None, None
+    for t in traj.turns:
+        if t.role == "plan":
+            plan = planned_scene(t.text)
+        elif t.is_image:
+            image = traj.images[t.image]
+        elif t.role == "inspect":
+            yield plan, image, "inconsistent" not in t.text
+
+
 def stream_diagnostics(run: Path) -> dict[str, float]:
     """Where a PSIR run's images go wrong. Fractions of its streams: `no_image` (the stream drew nothing),
     `format_failure` (it broke the format after its first turn), `plan_ok` (its last plan's <des> is exactly the
@@ -418,16 +443,9 @@ def stream_diagnostics(run: Path) -> dict[str, float]:
     improve the first draft?), `overplans` (its first <des> names more objects than the prompt). Fractions of its
     inspect turns: `says_consistent` (the verdict is "consistent"), `inspect_right` (the verdict agrees with the
     judge on the image before it against the <des> of its plan)."""
-    from bagel_ft.trajectory import extract
     from data_gen.backends.shapes import plan_problems
     from eval.run_dir import load_trajectory, read_jsonl
-    from scene_graphs.shapes import ParseError, check, parse_prompt
-
-    def parse(text: str | None):
-        try:
-            return parse_prompt(text) if text else None
-        except ParseError:
-            return None
+    from scene_graphs.shapes import check, parse_prompt
 
     counts = dict.fromkeys(STREAM_KEYS, 0)
     inspects = 0
@@ -443,22 +461,13 @@ def stream_diagnostics(run: Path) -> dict[str, float]:
         if images:
             counts["first_right"] += check(images[0], wanted).consistent
             counts["final_right"] += check(images[-1], wanted).consistent
-        plans = [parse(extract("des", t.text)) for t in traj.turns if t.role == "plan"]
+        plans = [planned_scene(t.text) for t in traj.turns if t.role == "plan"]
         if plans and plans[0] is not None:
             counts["overplans"] += len(plans[0].objects) > len(wanted.objects)
-        plan, image = None, None  # the last plan's <des> and the last image before each inspect turn
-        for t in traj.turns:
-            if t.role == "plan":
-                plan = parse(extract("des", t.text))
-            elif t.is_image:
-                image = traj.images[t.image]
-            elif t.role == "inspect":
-                says = "inconsistent" not in t.text
-                inspects += 1
-                counts["says_consistent"] += says
-                counts["inspect_right"] += (
-                    plan is not None and image is not None and says == check(image, plan).consistent
-                )
+        for plan, image, says in inspected_drafts(traj):
+            inspects += 1
+            counts["says_consistent"] += says
+            counts["inspect_right"] += plan is not None and image is not None and says == check(image, plan).consistent
         if plans and plans[-1] is not None:
             counts["plan_ok"] += not plan_problems(plans[-1], wanted, final=True)
             counts["draws_plan"] += bool(images) and check(images[-1], plans[-1]).consistent
